@@ -1,0 +1,100 @@
+"""The Bus protocol: every adapter (NATS JetStream, AMQP, in-memory) implements exactly this."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from schemas import CancelJob, Event, GenerateImage
+
+
+@dataclass(frozen=True)
+class BusOptions:
+    """Knobs shared by every adapter; built from settings in main() and passed down."""
+
+    # Prefix of every stream, subject, exchange and queue, so several installations
+    # (or test runs) can share one broker.
+    namespace: str = "imagebus"
+    # A command not acked nor marked in-progress within this time is redelivered.
+    ack_wait_s: float = 30.0
+    # Deliveries of one command before it is dead-lettered. Workers fail the job on the last one.
+    max_deliveries: int = 5
+    # How long the event log keeps events (the projector can rebuild from it within this window).
+    event_retention_s: float = 7 * 24 * 3600.0
+
+
+class CommandDelivery(Protocol):
+    """One delivery of a GenerateImage command to one worker. Settled exactly once."""
+
+    @property
+    def command(self) -> GenerateImage: ...
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first delivery, 2 on the first redelivery, ..."""
+        ...
+
+    async def ack(self) -> None:
+        """Done with it (succeeded, failed for good or canceled): never deliver it again."""
+
+    async def nak(self, delay_s: float = 0.0) -> None:
+        """Hand it back to be redelivered after ``delay_s`` (to this or another worker)."""
+
+    async def in_progress(self) -> None:
+        """Heartbeat: still working on it, push the redelivery deadline back."""
+
+    async def term(self) -> None:
+        """Drop it without redelivery (unreadable message); goes to the dead-letter place."""
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """An event read from the durable log with its position (strictly increasing)."""
+
+    position: int
+    event: Event
+
+
+class Bus(Protocol):
+    options: BusOptions
+
+    async def close(self) -> None: ...
+
+    async def publish_command(self, command: GenerateImage) -> None:
+        """Durably enqueue for ``command.backend``; de-duplicated on ``command.message_id``."""
+
+    async def publish_event(self, event: Event) -> None:
+        """Durably append to the event log (confirmed before returning)."""
+
+    async def publish_control(self, control: CancelJob) -> None:
+        """Broadcast to the live workers of ``control.backend``; not stored."""
+
+    def consume_commands(
+        self, backend: str, *, idle_timeout_s: float | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[CommandDelivery]]:
+        """Work-queue consumption for one backend, one delivery at a time.
+
+        With ``idle_timeout_s`` the iterator ends after that long without a delivery
+        (burst mode for tests and benchmarks); otherwise it runs until the context exits.
+        """
+        ...
+
+    def read_events(
+        self, *, after: int | None = None, idle_timeout_s: float | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[LoggedEvent]]:
+        """The durable event log in order, from just after position ``after`` (None: the start)."""
+        ...
+
+    def watch_events(self, job_id: str | None = None) -> AbstractAsyncContextManager[AsyncIterator[Event]]:
+        """Live events from now on (all jobs, or one). Subscribed when the context is entered."""
+        ...
+
+    def watch_control(self, backend: str) -> AbstractAsyncContextManager[AsyncIterator[CancelJob]]:
+        """Live control messages for one backend. Subscribed when the context is entered."""
+        ...
+
+    async def command_backlog(self, backend: str) -> int:
+        """Commands waiting (not yet acked) for ``backend``."""
+        ...

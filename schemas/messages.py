@@ -1,0 +1,207 @@
+"""Commands, controls and events that travel on the bus.
+
+Every message is a frozen pydantic model with ``type``, ``schema_version``,
+``message_id``, ``job_id`` and ``occurred_at``; JSON on the wire. Older versions
+are upcast on read by the functions in ``UPCASTERS``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+SCHEMA_VERSION = 1
+
+_IMAGE_NAMESPACE = uuid.UUID("6f1c1f4e-3b1a-4d8e-9a51-2f6f0e7c9b11")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def image_id_for(job_id: str, index: int) -> str:
+    """Deterministic image id: a redelivered job rewrites the same images, never adds duplicates."""
+    return uuid.uuid5(_IMAGE_NAMESPACE, f"{job_id}/{index}").hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: str
+    schema_version: int = SCHEMA_VERSION
+    message_id: str = Field(default_factory=new_id)
+    job_id: str
+    occurred_at: datetime = Field(default_factory=utcnow)
+
+
+class GenerationParams(BaseModel):
+    """What to generate; shared by the command and the JobQueued event."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt: str
+    negative_prompt: str | None = None
+    model: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int | None = None
+    num_images: int = 1
+
+
+# --- command and control -------------------------------------------------------------------
+
+
+class GenerateImage(Message):
+    """Work-queue command: exactly one worker of ``backend`` takes it."""
+
+    type: Literal["GenerateImage"] = "GenerateImage"
+    owner: str
+    backend: str
+    params: GenerationParams
+
+
+class CancelJob(Message):
+    """Broadcast to the backend's workers; whoever runs the job interrupts it."""
+
+    type: Literal["CancelJob"] = "CancelJob"
+    backend: str
+    reason: str = "canceled by request"
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+class JobQueued(Message):
+    type: Literal["JobQueued"] = "JobQueued"
+    owner: str
+    backend: str
+    params: GenerationParams
+    dialect: str = "native"
+
+
+class JobStarted(Message):
+    type: Literal["JobStarted"] = "JobStarted"
+    worker_id: str
+    attempt: int
+
+
+class JobProgress(Message):
+    type: Literal["JobProgress"] = "JobProgress"
+    step: int
+    total_steps: int
+    # Small JPEG as a data URL, at most every 0.5 s; absent on most steps.
+    preview: str | None = None
+
+
+class ImageStored(Message):
+    type: Literal["ImageStored"] = "ImageStored"
+    image_id: str
+    index: int
+    object_key: str
+    content_type: str
+    width: int
+    height: int
+    size_bytes: int
+    seed: int | None = None
+    expires_at: datetime
+
+
+class JobSucceeded(Message):
+    type: Literal["JobSucceeded"] = "JobSucceeded"
+    image_ids: list[str]
+
+
+class JobFailed(Message):
+    type: Literal["JobFailed"] = "JobFailed"
+    error: str
+
+
+class JobCanceled(Message):
+    type: Literal["JobCanceled"] = "JobCanceled"
+    reason: str
+
+
+class ImageExpired(Message):
+    type: Literal["ImageExpired"] = "ImageExpired"
+    image_id: str
+    object_key: str
+
+
+class ImageDeleted(Message):
+    type: Literal["ImageDeleted"] = "ImageDeleted"
+    image_id: str
+
+
+Event = Annotated[
+    JobQueued
+    | JobStarted
+    | JobProgress
+    | ImageStored
+    | JobSucceeded
+    | JobFailed
+    | JobCanceled
+    | ImageExpired
+    | ImageDeleted,
+    Field(discriminator="type"),
+]
+
+EVENT_TYPES: tuple[str, ...] = (
+    "JobQueued",
+    "JobStarted",
+    "JobProgress",
+    "ImageStored",
+    "JobSucceeded",
+    "JobFailed",
+    "JobCanceled",
+    "ImageExpired",
+    "ImageDeleted",
+)
+
+_event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
+
+# (type, from_version) -> function turning that version's dict into the next version's dict.
+UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def _upcast(raw: dict[str, Any]) -> dict[str, Any]:
+    version = int(raw.get("schema_version", 1))
+    while version < SCHEMA_VERSION:
+        step = UPCASTERS[(raw["type"], version)]
+        raw = step(raw)
+        version += 1
+        raw["schema_version"] = version
+    return raw
+
+
+def _load(data: bytes | str | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(data, dict):
+        return _upcast(dict(data))
+    import json
+
+    return _upcast(json.loads(data))
+
+
+def encode(message: Message) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def decode_event(data: bytes | str | dict[str, Any]) -> Event:
+    return _event_adapter.validate_python(_load(data))
+
+
+def decode_command(data: bytes | str | dict[str, Any]) -> GenerateImage:
+    return GenerateImage.model_validate(_load(data))
+
+
+def decode_control(data: bytes | str | dict[str, Any]) -> CancelJob:
+    return CancelJob.model_validate(_load(data))
