@@ -64,7 +64,12 @@ class ManagedProcess:
         env = {**os.environ, **(self.env or {})}
         # A new session so Ctrl-C in the terminal reaches only the supervisor, which stops us in order.
         self.process = subprocess.Popen(
-            list(self.argv), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd, start_new_session=True
+            list(self.argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.cwd,
+            start_new_session=True,
         )
         log.close()
         return self
