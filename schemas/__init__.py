@@ -1,5 +1,6 @@
 """The contract every imagebus role speaks: commands, events, API shapes, the status enum."""
 
+from schemas.api import ErrorResponse, GenerateRequest, ImageView, JobAccepted, JobView
 from schemas.catalog import Catalog, ModelSpec
 from schemas.messages import (
     SCHEMA_VERSION,
@@ -30,12 +31,16 @@ __all__ = [
     "SCHEMA_VERSION",
     "CancelJob",
     "Catalog",
+    "ErrorResponse",
     "Event",
     "GenerateImage",
+    "GenerateRequest",
     "GenerationParams",
     "ImageDeleted",
     "ImageExpired",
     "ImageStored",
+    "ImageView",
+    "JobAccepted",
     "JobCanceled",
     "JobFailed",
     "JobProgress",
@@ -43,6 +48,7 @@ __all__ = [
     "JobStarted",
     "JobStatus",
     "JobSucceeded",
+    "JobView",
     "Message",
     "ModelSpec",
     "decode_command",

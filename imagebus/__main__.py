@@ -1,0 +1,3 @@
+from imagebus.cli import main
+
+main()

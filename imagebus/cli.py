@@ -1,0 +1,66 @@
+"""``imagebus``: run the whole embedded stack (``up``) or one role."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagebus", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the whole stack on this machine (NATS, S3, SQLite, every role)")
+    up.add_argument("--port", type=int, default=8000, help="ingress port (default 8000)")
+    up.add_argument("--host", default="127.0.0.1", help="ingress address (default 127.0.0.1)")
+    up.add_argument("--data-dir", type=Path, default=Path(".imagebus"), help="where state lives")
+    up.add_argument("--workers", type=int, default=1, help="diffusers worker processes (default 1)")
+    up.add_argument("--model", default=None, help="default model: a catalog id, hub id or local folder")
+
+    ingress = sub.add_parser("ingress", help="the HTTP API")
+    ingress.add_argument("--host", default=None)
+    ingress.add_argument("--port", type=int, default=None)
+
+    worker = sub.add_parser("worker", help="a worker for one backend")
+    worker.add_argument("--backend", default=None, help="diffusers (default)")
+
+    projector = sub.add_parser("projector", help="events → read model")
+    projector.add_argument("--rebuild", action="store_true", help="replay the whole log into a fresh model")
+
+    sub.add_parser("reaper", help="deletes images at expiry and emits ImageExpired")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    from imagebus import roles, settings
+    from imagebus.logging import configure_logging
+
+    if args.command == "up":
+        from imagebus.launcher import run_stack
+
+        launcher = settings.LauncherSettings()
+        configure_logging(launcher.log_format, launcher.log_level)
+        raise SystemExit(run_stack(launcher, args))
+    if args.command == "ingress":
+        overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+        ingress = settings.IngressSettings(**overrides)
+        configure_logging(ingress.log_format, ingress.log_level)
+        asyncio.run(roles.run_ingress(ingress))
+    elif args.command == "worker":
+        worker = settings.WorkerSettings(**({"backend": args.backend} if args.backend else {}))
+        configure_logging(worker.log_format, worker.log_level)
+        asyncio.run(roles.run_worker(worker))
+    elif args.command == "projector":
+        projector = settings.ProjectorSettings()
+        configure_logging(projector.log_format, projector.log_level)
+        asyncio.run(roles.run_projector(projector, rebuild_first=args.rebuild))
+    elif args.command == "reaper":
+        reaper = settings.ReaperSettings()
+        configure_logging(reaper.log_format, reaper.log_level)
+        asyncio.run(roles.run_reaper(reaper))
+
+
+if __name__ == "__main__":
+    main()

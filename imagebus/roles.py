@@ -1,0 +1,167 @@
+"""Each role's main loop, built from its settings. The CLI picks one; ``imagebus up`` runs them all."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+
+import structlog
+
+from bus import Bus, BusOptions, connect_bus
+from imagebus.catalog import load_catalog
+from imagebus.settings import (
+    IngressSettings,
+    ProjectorSettings,
+    ReaperSettings,
+    WorkerSettings,
+    _BusMixin,
+    _S3Mixin,
+)
+from ingress.config import IngressConfig
+from schemas import Catalog
+from storage.object_store import ObjectStore, S3Config
+from workers.backends.base import Backend
+
+log = structlog.get_logger(__name__)
+
+
+def bus_options(settings: _BusMixin) -> BusOptions:
+    return BusOptions(
+        namespace=settings.bus_namespace,
+        ack_wait_s=settings.ack_wait_s,
+        max_deliveries=settings.max_deliveries,
+    )
+
+
+def s3_config(settings: _S3Mixin) -> S3Config:
+    return S3Config(
+        endpoint=settings.s3_endpoint,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key.get_secret_value(),
+        bucket=settings.s3_bucket,
+        secure=settings.s3_secure,
+        region=settings.s3_region,
+        public_endpoint=settings.s3_public_endpoint,
+    )
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT: the role drains and returns."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+async def _connect(settings: _BusMixin) -> Bus:
+    return await connect_bus(settings.bus_url, bus_options(settings))
+
+
+def build_backend(name: str, catalog: Catalog, settings: WorkerSettings) -> Backend:
+    if name == "diffusers":
+        from workers.backends.diffusers import DiffusersBackend
+
+        return DiffusersBackend(
+            catalog,
+            device=settings.device,
+            dtype=settings.dtype,
+            preview_interval_s=settings.preview_interval_s,
+        )
+    raise SystemExit(f"unknown backend {name!r}; available: diffusers")
+
+
+async def run_worker(settings: WorkerSettings) -> None:
+    from workers.runtime import Worker, WorkerOptions
+
+    catalog = load_catalog(settings.catalog_path, settings.default_model)
+    backend = build_backend(settings.backend, catalog, settings)
+    store = ObjectStore(s3_config(settings))
+    await store.ensure_bucket()
+    bus = await _connect(settings)
+    worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    worker = Worker(
+        bus,
+        store,
+        backend,
+        WorkerOptions(
+            worker_id=worker_id,
+            image_ttl_s=settings.image_ttl_s,
+            heartbeat_interval_s=max(settings.ack_wait_s / 3, 0.5),
+            max_deliveries=settings.max_deliveries,
+            shutdown_grace_s=settings.shutdown_grace_s,
+        ),
+    )
+    try:
+        stop = stop_on_signals()
+        default = catalog.get(None)
+        if settings.preload and default is not None and default.backend == settings.backend:
+            await worker.prepare([default.id])
+        log.info("worker_ready", worker_id=worker_id, backend=settings.backend)
+        await worker.run(stop=stop)
+    finally:
+        await bus.close()
+
+
+async def run_projector(settings: ProjectorSettings, *, rebuild_first: bool = False) -> None:
+    from projector.database import create_engine, create_schema
+    from projector.service import Projector, rebuild
+
+    engine = create_engine(settings.database_url)
+    bus = await _connect(settings)
+    try:
+        stop = stop_on_signals()
+        if rebuild_first:
+            count = await rebuild(engine, bus, name=settings.name)
+            log.info("projector_rebuilt", events=count)
+        await create_schema(engine)
+        log.info("projector_ready")
+        await Projector(engine, bus, name=settings.name, batch_size=settings.batch_size).run(stop=stop)
+    finally:
+        await bus.close()
+        await engine.dispose()
+
+
+async def run_reaper(settings: ReaperSettings) -> None:
+    from storage.reaper import run_reaper as reap_forever
+
+    store = ObjectStore(s3_config(settings))
+    await store.ensure_bucket()
+    bus = await _connect(settings)
+    try:
+        stop = stop_on_signals()
+        log.info("reaper_ready", interval_s=settings.interval_s)
+        await reap_forever(store, bus, interval_s=settings.interval_s, stop=stop)
+    finally:
+        await bus.close()
+
+
+def ingress_config(settings: IngressSettings) -> IngressConfig:
+    keys = tuple(k.strip() for k in settings.api_keys.get_secret_value().split(",") if k.strip())
+    return IngressConfig(
+        bus_url=settings.bus_url,
+        bus_options=bus_options(settings),
+        s3=s3_config(settings),
+        database_url=settings.database_url,
+        catalog=load_catalog(settings.catalog_path, settings.default_model),
+        api_keys=keys,
+        key_secret=settings.key_secret.get_secret_value(),
+        max_body_bytes=settings.max_body_bytes,
+    )
+
+
+async def run_ingress(settings: IngressSettings) -> None:
+    import uvicorn
+
+    from ingress.app import create_app
+
+    app = create_app(ingress_config(settings))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", lifespan="on")
+    )
+    log.info("ingress_ready", url=f"http://{settings.host}:{settings.port}")
+    with contextlib.suppress(asyncio.CancelledError):
+        await server.serve()

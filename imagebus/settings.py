@@ -1,0 +1,106 @@
+"""One settings class per role, each with its own env prefix.
+
+Connection settings every role shares (bus, S3, database) are read from common
+``IMAGEBUS_*`` names so one env file (``<data-dir>/env``) serves all roles. Settings are
+built in ``main()`` and passed down; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _common(name: str, default: Any) -> Any:
+    return Field(default, validation_alias=AliasChoices(f"IMAGEBUS_{name}", name.lower()))
+
+
+class _RoleSettings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    log_format: str = Field("auto", validation_alias=AliasChoices("IMAGEBUS_LOG_FORMAT", "log_format"))
+    log_level: str = Field("info", validation_alias=AliasChoices("IMAGEBUS_LOG_LEVEL", "log_level"))
+
+
+class _BusMixin(BaseSettings):
+    bus_url: str = _common("BUS_URL", "nats://127.0.0.1:4222")
+    bus_namespace: str = _common("BUS_NAMESPACE", "imagebus")
+    ack_wait_s: float = _common("ACK_WAIT_S", 30.0)
+    max_deliveries: int = _common("MAX_DELIVERIES", 5)
+
+
+class _S3Mixin(BaseSettings):
+    s3_endpoint: str = _common("S3_ENDPOINT", "127.0.0.1:9000")
+    s3_public_endpoint: str | None = _common("S3_PUBLIC_ENDPOINT", None)
+    s3_access_key: str = _common("S3_ACCESS_KEY", "imagebus")
+    s3_secret_key: SecretStr = _common("S3_SECRET_KEY", SecretStr("imagebus-secret"))
+    s3_bucket: str = _common("S3_BUCKET", "imagebus")
+    s3_secure: bool = _common("S3_SECURE", False)
+    s3_region: str = _common("S3_REGION", "us-east-1")
+    image_ttl_s: float = _common("IMAGE_TTL_S", 600.0)
+
+
+class _DatabaseMixin(BaseSettings):
+    database_url: str = _common("DATABASE_URL", "sqlite:///.imagebus/readmodel.db")
+
+
+class _CatalogMixin(BaseSettings):
+    # A JSON model catalog; the shipped default when unset.
+    catalog_path: Path | None = _common("CATALOG", None)
+    # A model id to make the default (e.g. "sd-turbo"), or a hub id / local folder to add as "custom".
+    default_model: str | None = _common("MODEL", None)
+
+
+class IngressSettings(_RoleSettings, _BusMixin, _S3Mixin, _DatabaseMixin, _CatalogMixin):
+    model_config = SettingsConfigDict(env_prefix="IMAGEBUS_INGRESS_", extra="ignore", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Comma-separated API keys accepted by the ingress (IMAGEBUS_API_KEYS or IMAGEBUS_API_KEY).
+    api_keys: SecretStr = Field(
+        SecretStr(""), validation_alias=AliasChoices("IMAGEBUS_API_KEYS", "IMAGEBUS_API_KEY", "api_keys")
+    )
+    # Server secret that keys the owner hash (so the read model never holds a usable key).
+    key_secret: SecretStr = Field(
+        SecretStr("imagebus-dev-secret"), validation_alias=AliasChoices("IMAGEBUS_KEY_SECRET", "key_secret")
+    )
+    max_body_bytes: int = 64 * 1024
+
+
+class WorkerSettings(_RoleSettings, _BusMixin, _S3Mixin, _CatalogMixin):
+    model_config = SettingsConfigDict(env_prefix="IMAGEBUS_WORKER_", extra="ignore", populate_by_name=True)
+
+    backend: str = "diffusers"
+    worker_id: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    # Seconds a SIGTERM'd worker waits for its in-flight job before handing it back.
+    shutdown_grace_s: float = 25.0
+    preview_interval_s: float = 0.5
+    # Models to load before taking work, so the first job does not pay for loading.
+    preload: bool = True
+
+
+class ProjectorSettings(_RoleSettings, _BusMixin, _DatabaseMixin):
+    model_config = SettingsConfigDict(env_prefix="IMAGEBUS_PROJECTOR_", extra="ignore", populate_by_name=True)
+
+    name: str = "projector"
+    batch_size: int = 100
+
+
+class ReaperSettings(_RoleSettings, _BusMixin, _S3Mixin):
+    model_config = SettingsConfigDict(env_prefix="IMAGEBUS_REAPER_", extra="ignore", populate_by_name=True)
+
+    interval_s: float = 2.0
+
+
+class LauncherSettings(_RoleSettings):
+    """``imagebus up``: where the embedded stack keeps its data and what it starts."""
+
+    model_config = SettingsConfigDict(env_prefix="IMAGEBUS_UP_", extra="ignore", populate_by_name=True)
+
+    api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("IMAGEBUS_API_KEY", "api_key"))
+    default_model: str | None = Field(None, validation_alias=AliasChoices("IMAGEBUS_MODEL", "default_model"))

@@ -1,0 +1,47 @@
+"""The connections one ingress process holds, opened on startup and closed on shutdown."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from bus import Bus, connect_bus
+from ingress.auth import KeyRing
+from ingress.config import IngressConfig
+from ingress.jobs import JobService
+from projector.database import create_engine, create_schema
+from projector.readside import ReadModel
+from storage.object_store import ObjectStore
+
+
+@dataclass
+class Services:
+    config: IngressConfig
+    bus: Bus
+    store: ObjectStore
+    read_model: ReadModel
+    keyring: KeyRing
+    jobs: JobService
+
+
+@asynccontextmanager
+async def open_services(config: IngressConfig) -> AsyncIterator[Services]:
+    keyring = KeyRing(config.api_keys, config.key_secret)
+    engine = create_engine(config.database_url)
+    await create_schema(engine)
+    bus = await connect_bus(config.bus_url, config.bus_options)
+    store = ObjectStore(config.s3)
+    try:
+        read_model = ReadModel(engine)
+        yield Services(
+            config=config,
+            bus=bus,
+            store=store,
+            read_model=read_model,
+            keyring=keyring,
+            jobs=JobService(bus, read_model, store, config.catalog),
+        )
+    finally:
+        await bus.close()
+        await engine.dispose()

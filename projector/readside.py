@@ -1,0 +1,137 @@
+"""What the ingress reads (jobs and their images, per owner), plus its read-your-writes insert."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import RowMapping, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from projector.apply import ImageState, queued_row
+from projector.database import insert_if_absent, write
+from projector.tables import images, jobs
+from schemas import GenerationParams, JobQueued, JobStatus
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: str
+    job_id: str
+    owner: str
+    index: int
+    object_key: str
+    content_type: str
+    width: int
+    height: int
+    size_bytes: int
+    seed: int | None
+    created_at: datetime
+    expires_at: datetime
+    state: str  # "available" | "expired" | "deleted"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    owner: str
+    status: JobStatus
+    backend: str
+    dialect: str
+    params: GenerationParams
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    updated_at: datetime
+    step: int
+    total_steps: int
+    attempt: int
+    error: str | None
+    images: tuple[ImageRecord, ...]
+
+
+class ReadModel:
+    """Owner-scoped queries over the projected read model.
+
+    ``owner=None`` is the admin view (any owner); otherwise a row of another owner reads as absent,
+    so the API answers 404 rather than revealing that the id exists.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def get_job(self, job_id: str, owner: str | None) -> JobRecord | None:
+        """The job with its images (by index, deleted ones left out), or None."""
+        query = select(jobs).where(jobs.c.id == job_id)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
+        image_query = (
+            select(images)
+            .where(images.c.job_id == job_id, images.c.state != ImageState.DELETED.value)
+            .order_by(images.c["index"])
+        )
+        # One connection and transaction: on SQLite the job and its images come from one snapshot.
+        async with self._engine.connect() as conn:
+            job = (await conn.execute(query)).mappings().first()
+            if job is None:
+                return None
+            image_rows = (await conn.execute(image_query)).mappings().all()
+        return _job_record(job, image_rows)
+
+    async def get_image(self, image_id: str, owner: str | None) -> ImageRecord | None:
+        """The image (available or expired), or None when absent, deleted or another owner's."""
+        query = select(images).where(images.c.id == image_id, images.c.state != ImageState.DELETED.value)
+        if owner is not None:
+            query = query.where(images.c.owner == owner)
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(query)).mappings().first()
+        return None if row is None else _image_record(row)
+
+    async def record_queued(self, event: JobQueued) -> None:
+        """Write the row the projector will write for ``event``, unless it is already there.
+
+        Called by the ingress right after publishing, so a read right after 202 never 404s.
+        Insert-if-absent: if the projector got there first (and maybe moved the job on), its
+        row stands. The projector's position is not touched; it applies the event as usual.
+        """
+        row = queued_row(event).to_columns()
+        await write(self._engine, lambda conn: insert_if_absent(conn, jobs, [row]))
+
+
+def _job_record(row: RowMapping, image_rows: Sequence[RowMapping]) -> JobRecord:
+    return JobRecord(
+        id=row["id"],
+        owner=row["owner"],
+        status=JobStatus(row["status"]),
+        backend=row["backend"],
+        dialect=row["dialect"],
+        params=GenerationParams.model_validate(row["params"]),
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        updated_at=row["updated_at"],
+        step=row["step"],
+        total_steps=row["total_steps"],
+        attempt=row["attempt"],
+        error=row["error"],
+        images=tuple(_image_record(image) for image in image_rows),
+    )
+
+
+def _image_record(row: RowMapping) -> ImageRecord:
+    return ImageRecord(
+        id=row["id"],
+        job_id=row["job_id"],
+        owner=row["owner"],
+        index=row["index"],
+        object_key=row["object_key"],
+        content_type=row["content_type"],
+        width=row["width"],
+        height=row["height"],
+        size_bytes=row["size_bytes"],
+        seed=row["seed"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        state=row["state"],
+    )

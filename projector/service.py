@@ -1,0 +1,192 @@
+"""The projector: reads the durable event log and folds it into the read model.
+
+Each batch of events and the new log position are written in one transaction, so a crash at
+any point leaves rows and position consistent and the projector resumes exactly where its
+rows end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from bus.base import Bus, LoggedEvent
+from projector.apply import ImageRow, JobRow, Projection, apply_event
+from projector.database import reset_schema, upsert, write
+from projector.tables import images, jobs, projector_positions
+from schemas import Event, ImageDeleted, ImageExpired, ImageStored
+
+log = structlog.get_logger(__name__)
+
+
+class ProjectorConflict(RuntimeError):
+    """Another projector with the same name moved the position: two must never run at once."""
+
+
+@dataclass(frozen=True)
+class _EndOfLog:
+    error: BaseException | None = None
+
+
+class Projector:
+    """Applies the event log to the read model, batch by batch, resuming where it left off."""
+
+    def __init__(self, engine: AsyncEngine, bus: Bus, *, name: str = "projector", batch_size: int = 100) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self._engine = engine
+        self._bus = bus
+        self._name = name
+        self._batch_size = batch_size
+
+    async def position(self) -> int | None:
+        """The log position the read model reflects (None: nothing applied yet)."""
+        async with self._engine.connect() as conn:
+            return await _load_position(conn, self._name)
+
+    async def run(self, *, stop: asyncio.Event | None = None, idle_timeout_s: float | None = None) -> int:
+        """Apply events until ``stop`` is set or, with ``idle_timeout_s``, the log stays idle that long.
+
+        Returns the number of events applied.
+        """
+        position = await self.position()
+        applied = 0
+        log.info("projector starting", name=self._name, after=position)
+        # Read ahead in a separate task: while one batch is being written the next one gathers,
+        # so batches grow with load while a lone event is written at once.
+        queue: asyncio.Queue[LoggedEvent | _EndOfLog] = asyncio.Queue(maxsize=self._batch_size)
+        async with self._bus.read_events(after=position, idle_timeout_s=idle_timeout_s) as events:
+            reader = asyncio.create_task(_read_into(events, queue), name=f"{self._name}-reader")
+            stopped = asyncio.create_task(stop.wait()) if stop is not None else None
+            try:
+                while not (stop is not None and stop.is_set()):
+                    batch, end = await self._next_batch(queue, stopped)
+                    if batch:
+                        position = await self._apply(batch, position)
+                        applied += len(batch)
+                    if end is not None:
+                        if end.error is not None:
+                            raise end.error
+                        break
+            finally:
+                for task in (reader, stopped):
+                    if task is not None:
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
+        log.info("projector stopped", name=self._name, applied=applied, position=position)
+        return applied
+
+    async def _next_batch(
+        self,
+        queue: asyncio.Queue[LoggedEvent | _EndOfLog],
+        stopped: asyncio.Task[bool] | None,
+    ) -> tuple[list[LoggedEvent], _EndOfLog | None]:
+        """Wait for one event, then take whatever else is already at hand, up to batch_size."""
+        first = await _get_unless_stopped(queue, stopped)
+        if first is None:
+            return [], _EndOfLog()
+        batch: list[LoggedEvent] = []
+        item: LoggedEvent | _EndOfLog = first
+        yielded = False
+        while True:
+            if isinstance(item, _EndOfLog):
+                return batch, item
+            batch.append(item)
+            if len(batch) >= self._batch_size:
+                return batch, None
+            if queue.empty() and not yielded:
+                # Let the reader hand over what the bus already buffered; never wait on a clock.
+                await asyncio.sleep(0)
+                yielded = True
+            if queue.empty():
+                return batch, None
+            item = queue.get_nowait()
+
+    async def _apply(self, batch: Sequence[LoggedEvent], position: int | None) -> int:
+        new_position = batch[-1].position
+
+        async def transaction(conn: AsyncConnection) -> None:
+            # The position first: it takes the write lock, and detects a twin projector before any work.
+            await _advance_position(conn, self._name, position, new_position)
+            await apply_events(conn, [logged.event for logged in batch])
+
+        await write(self._engine, transaction)
+        log.debug("batch applied", name=self._name, events=len(batch), position=new_position)
+        return new_position
+
+
+async def rebuild(engine: AsyncEngine, bus: Bus, *, name: str = "projector", idle_timeout_s: float = 1.0) -> int:
+    """Drop and recreate the read model, then replay the whole log into it. Returns events applied."""
+    await reset_schema(engine)
+    return await Projector(engine, bus, name=name).run(idle_timeout_s=idle_timeout_s)
+
+
+async def apply_events(conn: AsyncConnection, events: Sequence[Event]) -> None:
+    """Load the rows ``events`` touch, fold the events in order, write back what changed."""
+    projection = await _load(conn, events)
+    for event in events:
+        apply_event(projection, event)
+    await upsert(conn, jobs, [projection.jobs[key].to_columns() for key in sorted(projection.changed_jobs)])
+    await upsert(conn, images, [projection.images[key].to_columns() for key in sorted(projection.changed_images)])
+
+
+async def _load(conn: AsyncConnection, events: Sequence[Event]) -> Projection:
+    job_ids = {event.job_id for event in events}
+    image_ids = {event.image_id for event in events if isinstance(event, ImageStored | ImageExpired | ImageDeleted)}
+    projection = Projection()
+    rows = await conn.execute(select(jobs).where(jobs.c.id.in_(job_ids)))
+    projection.jobs = {row.id: JobRow.from_columns(row._mapping) for row in rows}
+    if image_ids:
+        rows = await conn.execute(select(images).where(images.c.id.in_(image_ids)))
+        projection.images = {row.id: ImageRow.from_columns(row._mapping) for row in rows}
+    return projection
+
+
+async def _load_position(conn: AsyncConnection, name: str) -> int | None:
+    query = select(projector_positions.c.position).where(projector_positions.c.name == name)
+    return (await conn.execute(query)).scalar_one_or_none()
+
+
+async def _advance_position(conn: AsyncConnection, name: str, old: int | None, new: int) -> None:
+    table = projector_positions
+    if old is None:
+        try:
+            await conn.execute(insert(table).values(name=name, position=new))
+        except IntegrityError as error:
+            raise ProjectorConflict(f"projector {name!r} already has a position") from error
+        return
+    moved = await conn.execute(update(table).where(table.c.name == name, table.c.position == old).values(position=new))
+    if moved.rowcount != 1:
+        raise ProjectorConflict(f"projector {name!r} is no longer at position {old}")
+
+
+async def _read_into(events: AsyncIterator[LoggedEvent], queue: asyncio.Queue[LoggedEvent | _EndOfLog]) -> None:
+    try:
+        async for logged in events:
+            await queue.put(logged)
+    except Exception as error:  # handed to run(), which raises it in its own task
+        await queue.put(_EndOfLog(error))
+    else:
+        await queue.put(_EndOfLog())
+
+
+async def _get_unless_stopped(
+    queue: asyncio.Queue[LoggedEvent | _EndOfLog], stopped: asyncio.Task[bool] | None
+) -> LoggedEvent | _EndOfLog | None:
+    """The next item, or None once ``stopped`` completes first."""
+    if not queue.empty() or stopped is None:
+        return await queue.get()
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.wait({getter, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if getter.done():
+        return getter.result()
+    getter.cancel()
+    return None

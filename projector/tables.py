@@ -1,0 +1,106 @@
+"""The read model's tables (SQLAlchemy Core), identical on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware datetimes in, aware UTC datetimes out, on every backend.
+
+    SQLite has no time zones: SQLAlchemy stores the wall-clock digits and hands back naive
+    values. Storing UTC and re-attaching it on the way out makes both backends round-trip the
+    same aware value, so a live projection compares equal to a rebuild on either.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        # A naive timestamp from a careless producer is taken as UTC rather than crashing the projector.
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+# JSONB on PostgreSQL so params can be indexed and queried later; JSON text on SQLite.
+_json = JSON().with_variant(JSONB(), "postgresql")
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("owner", String(128), nullable=False, index=True),
+    Column("status", String(16), nullable=False),
+    Column("backend", String(64), nullable=False),
+    Column("dialect", String(32), nullable=False),
+    Column("params", _json, nullable=False),
+    # Denormalised out of params so a later search/listing can filter without parsing JSON.
+    Column("prompt", Text, nullable=False),
+    Column("model", String(256), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("completed_at", UTCDateTime, nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("total_steps", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("last_event_at", UTCDateTime, nullable=False),
+)
+
+images = Table(
+    "images",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("job_id", String(64), nullable=False, index=True),
+    Column("owner", String(128), nullable=False, index=True),
+    Column("index", Integer, nullable=False),
+    Column("object_key", String(1024), nullable=False),
+    Column("content_type", String(128), nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    # Seeds routinely exceed 32 bits.
+    Column("seed", BigInteger, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("state", String(16), nullable=False),
+)
+
+# One row per projector name: the log position its rows reflect, written in the same transaction.
+projector_positions = Table(
+    "projector_positions",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("position", BigInteger, nullable=False),
+)
+
+# The tables a rebuild drops and replays; everything in this metadata is derived from the log.
+READ_MODEL_TABLES: tuple[Table, ...] = (jobs, images, projector_positions)

@@ -1,0 +1,217 @@
+"""Real processes killed with SIGKILL: a worker mid-job, the projector at random points."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from bus import BusOptions, connect_bus
+from imagebus.process import ManagedProcess
+from projector.database import create_engine, create_schema
+from projector.service import rebuild
+from projector.tables import images, jobs, projector_positions
+from schemas import (
+    GenerationParams,
+    ImageStored,
+    JobFailed,
+    JobProgress,
+    JobQueued,
+    JobStarted,
+    JobSucceeded,
+    image_id_for,
+)
+from storage.object_store import S3Config
+from tests.fixtures.database import NewDatabaseUrl
+from tests.stack import auth, running_stack
+from workers.backends.base import Backend
+
+
+def _role(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> ManagedProcess:
+    return ManagedProcess(
+        name=name,
+        argv=[sys.executable, "-m", "imagebus", *argv],
+        log_path=log_dir / f"{name}.log",
+        env={**env, "IMAGEBUS_LOG_FORMAT": "json"},
+    ).start()
+
+
+def _env(bus_url: str, options: BusOptions, s3: S3Config) -> dict[str, str]:
+    return {
+        "IMAGEBUS_BUS_URL": bus_url,
+        "IMAGEBUS_BUS_NAMESPACE": options.namespace,
+        "IMAGEBUS_ACK_WAIT_S": str(options.ack_wait_s),
+        "IMAGEBUS_MAX_DELIVERIES": str(options.max_deliveries),
+        "IMAGEBUS_S3_ENDPOINT": s3.endpoint,
+        "IMAGEBUS_S3_ACCESS_KEY": s3.access_key,
+        "IMAGEBUS_S3_SECRET_KEY": s3.secret_key,
+        "IMAGEBUS_S3_BUCKET": s3.bucket,
+    }
+
+
+@pytest.mark.parametrize("broker", ["nats", "amqp"])
+async def test_worker_killed_mid_job_is_redelivered_and_completes_once(
+    broker: str, request: pytest.FixtureRequest, s3_config: S3Config, tiny_backend: Backend, tmp_path: Path
+) -> None:
+    bus_url = str(request.getfixturevalue(f"{broker}_url"))
+    # The in-process stack runs no worker here: the workers are real processes we can kill.
+    async with running_stack(
+        bus_url, s3_config, f"sqlite:///{tmp_path}/rm.db", tiny_backend, workers=0, ack_wait_s=2.0
+    ) as stack:
+        env = _env(bus_url, stack.options, s3_config)
+        first = _role("worker-1", ["worker"], {**env, "IMAGEBUS_WORKER_WORKER_ID": "w1"}, tmp_path)
+        second: ManagedProcess | None = None
+        try:
+            body = {
+                "prompt": "slow fox",
+                "width": 128,
+                "height": 128,
+                "num_inference_steps": 40,
+                "num_images": 2,
+            }
+            async with stack.bus.watch_events() as live:
+                job_id = (await stack.client.post("/api/generate", json=body, headers=auth())).json()["job_id"]
+                async with asyncio.timeout(120):
+                    async for event in live:
+                        if isinstance(event, JobProgress) and event.job_id == job_id and event.step >= 3:
+                            break
+            first.kill()  # SIGKILL mid-job: no ack, no terminal event
+            second = _role("worker-2", ["worker"], {**env, "IMAGEBUS_WORKER_WORKER_ID": "w2"}, tmp_path)
+            job = await stack.wait_for_status(job_id, {"completed", "failed"}, timeout_s=180)
+            assert job["status"] == "completed", (job, second.tail())
+            assert len(job["images"]) == 2
+            assert {img["id"] for img in job["images"]} == {image_id_for(job_id, i) for i in range(2)}
+
+            events = await stack.events_for(job_id)
+            terminal = [e for e in events if isinstance(e, JobSucceeded | JobFailed)]
+            assert len(terminal) == 1
+            starts = [(e.worker_id, e.attempt) for e in events if isinstance(e, JobStarted)]
+            assert starts[0] == ("w1", 1)
+            assert starts[-1] == ("w2", 2)
+        finally:
+            first.kill()
+            if second is not None:
+                second.stop(grace_s=20)
+
+
+def _job_events(rng: random.Random) -> list[Any]:
+    job_id = uuid.uuid4().hex
+    params = GenerationParams(
+        prompt=f"p{rng.random()}",
+        model="tiny-sd",
+        width=64,
+        height=64,
+        num_inference_steps=3,
+        guidance_scale=7,
+    )
+    events: list[Any] = [
+        JobQueued(job_id=job_id, owner="o", backend="diffusers", params=params),
+        JobStarted(job_id=job_id, worker_id="w", attempt=1),
+    ]
+    events += [JobProgress(job_id=job_id, step=s, total_steps=3) for s in (1, 2, 3)]
+    if rng.random() < 0.3:
+        events.append(JobFailed(job_id=job_id, error="boom"))
+        return events
+    for index in range(2):
+        events.append(
+            ImageStored(
+                job_id=job_id,
+                image_id=image_id_for(job_id, index),
+                index=index,
+                object_key=f"k/{job_id}/{index}",
+                content_type="image/png",
+                width=64,
+                height=64,
+                size_bytes=10,
+                seed=index,
+                expires_at=events[0].occurred_at,
+            )
+        )
+    events.append(JobSucceeded(job_id=job_id, image_ids=[image_id_for(job_id, i) for i in range(2)]))
+    return events
+
+
+async def _table_rows(url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            job_rows = (await conn.execute(sa.select(jobs).order_by(jobs.c.id))).mappings().all()
+            image_rows = (await conn.execute(sa.select(images).order_by(images.c.id))).mappings().all()
+        return [dict(r) for r in job_rows], [dict(r) for r in image_rows]
+    finally:
+        await engine.dispose()
+
+
+async def _position(url: str) -> int:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            value = await conn.scalar(sa.select(projector_positions.c.position))
+        return int(value or 0)
+    finally:
+        await engine.dispose()
+
+
+async def test_projector_killed_at_random_points_equals_rebuild(
+    nats_url: str, new_database_url: NewDatabaseUrl, tmp_path: Path
+) -> None:
+    database_url = await new_database_url()
+    engine = create_engine(database_url)
+    await create_schema(engine)
+    await engine.dispose()
+    rng = random.Random(7)
+    options = BusOptions(namespace=f"t{uuid.uuid4().hex[:10]}")
+    bus = await connect_bus(nats_url, options)
+    env = {
+        "IMAGEBUS_BUS_URL": nats_url,
+        "IMAGEBUS_BUS_NAMESPACE": options.namespace,
+        "IMAGEBUS_DATABASE_URL": database_url,
+        # Small batches: more transactions, more places for a kill to land.
+        "IMAGEBUS_PROJECTOR_BATCH_SIZE": "7",
+    }
+    all_events = [event for _ in range(150) for event in _job_events(rng)]
+    for event in all_events:
+        await bus.publish_event(event)
+    last_position = len(all_events)
+
+    kills_midway = 0
+    projector = _role("projector", ["projector"], env, tmp_path)
+    try:
+        seen = 0
+        while kills_midway < 5:
+            # Kill it at a random moment once it is applying, i.e. after its position moved.
+            for _ in range(600):
+                position = await _position(database_url)
+                if position > seen:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(rng.uniform(0.0, 0.05))
+            projector.kill()
+            seen = await _position(database_url)
+            if seen >= last_position:
+                break
+            kills_midway += 1
+            projector = _role("projector", ["projector"], env, tmp_path)
+        assert kills_midway >= 3, "the projector finished before it could be killed midway; add events"
+        projector = _role("projector", ["projector"], env, tmp_path)
+        for _ in range(600):
+            if await _position(database_url) >= last_position:
+                break
+            await asyncio.sleep(0.05)
+        live = await _table_rows(database_url)
+    finally:
+        projector.stop()
+
+    fresh_url = await new_database_url()  # same kind of database as the live one
+    fresh = create_engine(fresh_url)
+    await rebuild(fresh, bus)
+    await fresh.dispose()
+    await bus.close()
+    assert len(live[0]) == len({event.job_id for event in all_events})
+    assert live == await _table_rows(fresh_url)
