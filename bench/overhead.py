@@ -39,7 +39,7 @@ def percentile(values: list[float], q: float) -> float:
 def direct_call_seconds(samples: int) -> list[float]:
     backend = DiffusersBackend(load_catalog())
     backend.prepare("tiny-sd")
-    params = GenerationParams(model="tiny-sd", guidance_scale=7.5, **BODY)  # type: ignore[arg-type]
+    params = GenerationParams(model="tiny-sd", guidance_scale=7.5, **BODY)
     for _ in range(3):
         backend.generate(params, lambda _p: None, CancelToken())
     times = []

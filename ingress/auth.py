@@ -32,7 +32,7 @@ class KeyRing:
         return self._owners.get(self._digest(key))
 
 
-def presented_key(connection: ASGIConnection) -> str | None:  # type: ignore[type-arg]
+def presented_key(connection: ASGIConnection) -> str | None:
     """The key from ``X-API-Key`` or ``Authorization: Bearer <key>``."""
     key = connection.headers.get("x-api-key")
     if key:
@@ -44,7 +44,7 @@ def presented_key(connection: ASGIConnection) -> str | None:  # type: ignore[typ
     return None
 
 
-def require_owner(keyring: KeyRing, connection: ASGIConnection) -> str:  # type: ignore[type-arg]
+def require_owner(keyring: KeyRing, connection: ASGIConnection) -> str:
     owner = keyring.owner_for_key(presented_key(connection))
     if owner is None:
         raise ApiError(401, "missing or invalid API key: send X-API-Key or Authorization: Bearer")

@@ -6,11 +6,11 @@ This is the one module that knows which SQL dialect it talks to.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Table, event, text
+from sqlalchemy import Connection, Executable, Table, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -23,7 +23,7 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 T = TypeVar("T")
 
-# Execution option marking a connection whose transaction will write (see begin_write).
+# Execution option marking a connection whose transaction will write (see write).
 _WRITE_OPTION = "imagebus_write"
 
 # Arbitrary constant key for the advisory lock that serialises create/drop of the schema.
@@ -91,16 +91,6 @@ def _postgres_engine(url: URL) -> AsyncEngine:
     )
 
 
-def begin_write(engine: AsyncEngine) -> AbstractAsyncContextManager[AsyncConnection]:
-    """A transaction that will write (commits on success, rolls back on error).
-
-    On SQLite it holds the write lock from its first statement, so reading then writing in
-    one transaction is safe while another process writes the same file. Prefer ``write``,
-    which also keeps a cancellation from cutting the transaction in half.
-    """
-    return engine.execution_options(**{_WRITE_OPTION: True}).begin()
-
-
 async def write(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
     """Run ``work`` in a write transaction that always ends in a commit or a rollback.
 
@@ -112,8 +102,11 @@ async def write(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable
     """
 
     async def transaction() -> T:
-        async with begin_write(engine) as conn:
-            return await work(conn)
+        async with engine.connect() as conn:
+            # Read by the SQLite "begin" hook: this transaction takes the write lock up front.
+            await conn.execution_options(**{_WRITE_OPTION: True})
+            async with conn.begin():
+                return await work(conn)
 
     task = asyncio.ensure_future(transaction())
     try:
@@ -153,27 +146,35 @@ async def _lock_schema(conn: AsyncConnection) -> None:
 
 async def upsert(conn: AsyncConnection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
     """Insert rows, replacing every non-key column of rows whose primary key already exists."""
-    if not rows:
-        return
-    statement = _insert(conn, table)
-    keys = [column.name for column in table.primary_key.columns]
-    replace = {column.name: statement.excluded[column.name] for column in table.columns if column.name not in keys}
-    await conn.execute(statement.on_conflict_do_update(index_elements=keys, set_=replace), list(rows))
+    if rows:
+        await conn.execute(_upsert_statement(conn.dialect.name, table), list(rows))
 
 
 async def insert_if_absent(conn: AsyncConnection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
     """Insert rows whose primary key is not there yet; leave existing rows untouched."""
-    if not rows:
-        return
-    statement = _insert(conn, table)
+    if rows:
+        await conn.execute(_insert_if_absent_statement(conn.dialect.name, table), list(rows))
+
+
+# Built once per dialect and table: constructing ON CONFLICT clauses costs more than running them.
+@functools.cache
+def _upsert_statement(dialect: str, table: Table) -> Executable:
+    statement = _insert(dialect, table)
     keys = [column.name for column in table.primary_key.columns]
-    await conn.execute(statement.on_conflict_do_nothing(index_elements=keys), list(rows))
+    replace = {column.name: statement.excluded[column.name] for column in table.columns if column.name not in keys}
+    return statement.on_conflict_do_update(index_elements=keys, set_=replace)
 
 
-def _insert(conn: AsyncConnection, table: Table) -> sqlite.Insert | postgresql.Insert:
+@functools.cache
+def _insert_if_absent_statement(dialect: str, table: Table) -> Executable:
+    keys = [column.name for column in table.primary_key.columns]
+    return _insert(dialect, table).on_conflict_do_nothing(index_elements=keys)
+
+
+def _insert(dialect: str, table: Table) -> sqlite.Insert | postgresql.Insert:
     # ON CONFLICT exists in both dialects but only behind their own insert() constructs.
-    if conn.dialect.name == "postgresql":
+    if dialect == "postgresql":
         return postgresql.insert(table)
-    if conn.dialect.name == "sqlite":
+    if dialect == "sqlite":
         return sqlite.insert(table)
-    raise ValueError(f"unsupported dialect {conn.dialect.name!r}")
+    raise ValueError(f"unsupported dialect {dialect!r}")

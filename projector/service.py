@@ -85,30 +85,27 @@ class Projector:
         return applied
 
     async def _next_batch(
-        self,
-        queue: asyncio.Queue[LoggedEvent | _EndOfLog],
-        stopped: asyncio.Task[bool] | None,
+        self, queue: asyncio.Queue[LoggedEvent | _EndOfLog], stopped: asyncio.Task[bool] | None
     ) -> tuple[list[LoggedEvent], _EndOfLog | None]:
-        """Wait for one event, then take whatever else is already at hand, up to batch_size."""
-        first = await _get_unless_stopped(queue, stopped)
-        if first is None:
-            return [], _EndOfLog()
+        """Wait for one event, then take whatever else is already at hand, up to batch_size.
+
+        Also returns the end of the log if it was reached; an empty batch and no end mean stopped.
+        """
+        item = await _get_unless_stopped(queue, stopped)
         batch: list[LoggedEvent] = []
-        item: LoggedEvent | _EndOfLog = first
-        yielded = False
-        while True:
-            if isinstance(item, _EndOfLog):
-                return batch, item
+        handed_over = False
+        while isinstance(item, LoggedEvent):
             batch.append(item)
-            if len(batch) >= self._batch_size:
+            if len(batch) == self._batch_size:
                 return batch, None
-            if queue.empty() and not yielded:
-                # Let the reader hand over what the bus already buffered; never wait on a clock.
+            if queue.empty() and not handed_over:
+                # Let the reader pass on what the bus already buffered; never wait on a clock.
                 await asyncio.sleep(0)
-                yielded = True
+                handed_over = True
             if queue.empty():
                 return batch, None
             item = queue.get_nowait()
+        return batch, item
 
     async def _apply(self, batch: Sequence[LoggedEvent], position: int | None) -> int:
         new_position = batch[-1].position

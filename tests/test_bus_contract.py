@@ -23,7 +23,7 @@ BACKEND = "stub"
 # No test may take longer than this; a broken adapter fails instead of hanging the suite.
 TEST_TIMEOUT_S = 15.0
 # How long "nothing else arrives" is watched for.
-QUIET_S = 0.3
+QUIET_S = 0.2
 
 # Documented differences (see bus/amqp.py): RabbitMQ neither de-duplicates publishes nor
 # redelivers on an ack-wait timer.

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bus import Bus, connect_bus
 from projector.apply import ImageState, Projection, apply_event, queued_row
-from projector.database import begin_write, create_engine, create_schema
+from projector.database import create_engine, create_schema, write
 from projector.readside import ReadModel
 from projector.service import Projector, apply_events, rebuild
 from projector.tables import images, jobs
@@ -174,8 +174,7 @@ async def table_rows(engine: AsyncEngine) -> Rows:
 
 
 async def apply_in_transaction(engine: AsyncEngine, events: Sequence[Event]) -> None:
-    async with begin_write(engine) as conn:
-        await apply_events(conn, events)
+    await write(engine, lambda conn: apply_events(conn, events))
 
 
 async def new_bus() -> Bus:
@@ -511,9 +510,12 @@ async def test_rebuild_replaces_a_damaged_read_model(engine: AsyncEngine) -> Non
     log = event_log(random.Random(2), 5)
     await publish(bus, log)
     await Projector(engine, bus).run(idle_timeout_s=IDLE_S)
-    async with begin_write(engine) as conn:
+
+    async def damage(conn: AsyncConnection) -> None:
         await conn.execute(jobs.update().values(status="failed", error="bit rot"))
         await conn.execute(images.delete())
+
+    await write(engine, damage)
     assert await rebuild(engine, bus, idle_timeout_s=IDLE_S) == len(log)
     assert await table_rows(engine) == expected_rows(log)
 

@@ -59,6 +59,7 @@ class Worker:
         self._running: dict[str, CancelToken] = {}
         # Cancels that arrived before their job did (bounded: only recent ones matter).
         self._canceled_early: OrderedDict[str, str] = OrderedDict()
+        self._in_flight: asyncio.Future[None] | None = None
         self.handled = 0
 
     async def prepare(self, models: list[str]) -> None:
@@ -87,25 +88,28 @@ class Worker:
         return self.handled
 
     async def _consume(self, stop: asyncio.Event, idle_timeout_s: float | None) -> None:
-        async with self._bus.consume_commands(
-            self._backend.name, idle_timeout_s=idle_timeout_s
-        ) as deliveries:
+        consume = self._bus.consume_commands(self._backend.name, idle_timeout_s=idle_timeout_s)
+        async with consume as deliveries:
             async for delivery in deliveries:
                 if stop.is_set():
                     await delivery.nak()
                     return
+                self._in_flight = asyncio.ensure_future(self._process(delivery))
                 # Shielded: a shutdown cancels the wait for the next delivery, never a job in flight.
-                await asyncio.shield(self._process(delivery))
+                await asyncio.shield(self._in_flight)
+                if stop.is_set():
+                    return
 
     async def _drain(self, consume_task: asyncio.Task[None]) -> None:
         """On stop: let the job in flight finish within the grace period, else cancel it (handed back)."""
-        if self._running:
+        in_flight = self._in_flight
+        if in_flight is not None and not in_flight.done():
             log.info("draining", in_flight=list(self._running), grace_s=self._options.shutdown_grace_s)
-            done, _ = await asyncio.wait({consume_task}, timeout=self._options.shutdown_grace_s)
+            done, _ = await asyncio.wait({in_flight}, timeout=self._options.shutdown_grace_s)
             if not done:
                 for token in self._running.values():
                     token.cancel(_SHUTDOWN)
-                await asyncio.wait({consume_task}, timeout=self._options.shutdown_grace_s)
+                await asyncio.wait({in_flight}, timeout=self._options.shutdown_grace_s)
         consume_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await consume_task
@@ -182,9 +186,7 @@ class Worker:
         params = command.params
         with ProgressPublisher(self._bus, command.job_id, loop) as progress:
             await loop.run_in_executor(self._executor, self._backend.prepare, params.model)
-            images = await loop.run_in_executor(
-                self._executor, self._backend.generate, params, progress, token
-            )
+            images = await loop.run_in_executor(self._executor, self._backend.generate, params, progress, token)
             await progress.flush()
         image_ids = []
         for index, image in enumerate(images):

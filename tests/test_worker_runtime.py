@@ -1,0 +1,207 @@
+"""The worker runtime's one ack point, retries, heartbeats, cancellation and graceful shutdown.
+
+Scripted backends (one per failure mode) stand in for the generator; everything else is real:
+the bus (memory and NATS), the object store, the events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from bus import Bus, BusOptions, connect_bus
+from schemas import (
+    CancelJob,
+    Event,
+    GenerateImage,
+    GenerationParams,
+    ImageStored,
+    JobCanceled,
+    JobFailed,
+    JobProgress,
+    JobStarted,
+    JobSucceeded,
+)
+from storage.object_store import ObjectStore
+from workers.backends.base import CancelToken, GeneratedImage, Progress, ProgressCallback, RetryableError
+from workers.runtime import Worker, WorkerOptions
+
+
+def _png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(out, format="PNG")
+    return out.getvalue()
+
+
+class ScriptedBackend:
+    """Runs ``steps`` steps of ``step_s`` each.
+
+    The first ``retryable_failures`` calls raise RetryableError; call number ``error_on_call`` raises ``error``.
+    """
+
+    name = "scripted"
+
+    def __init__(
+        self,
+        *,
+        steps: int = 3,
+        step_s: float = 0.0,
+        retryable_failures: int = 0,
+        error: Exception | None = None,
+        error_on_call: int = 1,
+    ) -> None:
+        self.steps = steps
+        self.step_s = step_s
+        self.retryable_failures = retryable_failures
+        self.error = error
+        self.error_on_call = error_on_call
+        self.calls = 0
+        self.started = threading.Event()
+
+    def prepare(self, model: str) -> None:
+        pass
+
+    def generate(
+        self, params: GenerationParams, on_progress: ProgressCallback, cancel: CancelToken
+    ) -> list[GeneratedImage]:
+        self.calls += 1
+        self.started.set()
+        if self.calls <= self.retryable_failures:
+            raise RetryableError("upstream busy", delay_s=0.05)
+        if self.error is not None and self.calls == self.error_on_call:
+            raise self.error
+        for step in range(1, self.steps + 1):
+            time.sleep(self.step_s)
+            cancel.raise_if_canceled()
+            on_progress(Progress(step=step, total_steps=self.steps))
+        return [GeneratedImage(_png(), "image/png", 8, 8, seed=i) for i in range(params.num_images)]
+
+
+def _command(num_images: int = 1) -> GenerateImage:
+    job_id = uuid.uuid4().hex
+    params = GenerationParams(
+        prompt="p", model="m", width=8, height=8, num_inference_steps=3, guidance_scale=1.0, num_images=num_images
+    )
+    return GenerateImage(job_id=job_id, message_id=job_id, owner="o", backend="scripted", params=params)
+
+
+async def _events(bus: Bus, job_id: str) -> list[Event]:
+    async with bus.read_events(idle_timeout_s=0.3) as events:
+        return [logged.event async for logged in events if logged.event.job_id == job_id]
+
+
+@pytest.fixture(params=["memory", "nats"])
+async def worker_bus(request: pytest.FixtureRequest) -> Any:
+    url = f"memory://{uuid.uuid4().hex}" if request.param == "memory" else request.getfixturevalue("nats_url")
+    bus = await connect_bus(url, BusOptions(namespace=f"t{uuid.uuid4().hex[:10]}", ack_wait_s=2.0, max_deliveries=3))
+    yield bus
+    await bus.close()
+
+
+def _worker(bus: Bus, store: ObjectStore, backend: ScriptedBackend, **options: Any) -> Worker:
+    defaults: dict[str, Any] = {"worker_id": "w", "max_deliveries": 3, "heartbeat_interval_s": 0.3}
+    return Worker(bus, store, backend, WorkerOptions(**{**defaults, **options}))  # type: ignore[arg-type]
+
+
+async def test_success_stores_images_and_acks_once(worker_bus: Bus, object_store: ObjectStore) -> None:
+    command = _command(num_images=2)
+    await worker_bus.publish_command(command)
+    await _worker(worker_bus, object_store, ScriptedBackend()).run(idle_timeout_s=0.5)
+    events = await _events(worker_bus, command.job_id)
+    assert [type(e) for e in events] == [JobStarted, JobProgress, JobProgress, JobProgress, ImageStored, ImageStored,
+                                         JobSucceeded]  # fmt: skip
+    assert await worker_bus.command_backlog("scripted") == 0
+
+
+async def test_retryable_errors_are_retried_then_succeed(worker_bus: Bus, object_store: ObjectStore) -> None:
+    command = _command()
+    await worker_bus.publish_command(command)
+    backend = ScriptedBackend(retryable_failures=2)
+    await _worker(worker_bus, object_store, backend).run(idle_timeout_s=1.0)
+    events = await _events(worker_bus, command.job_id)
+    assert [e.attempt for e in events if isinstance(e, JobStarted)] == [1, 2, 3]
+    assert sum(isinstance(e, JobSucceeded) for e in events) == 1
+    assert not any(isinstance(e, JobFailed) for e in events)
+
+
+async def test_retries_are_bounded(worker_bus: Bus, object_store: ObjectStore) -> None:
+    command = _command()
+    await worker_bus.publish_command(command)
+    await _worker(worker_bus, object_store, ScriptedBackend(retryable_failures=99)).run(idle_timeout_s=1.0)
+    events = await _events(worker_bus, command.job_id)
+    failed = [e for e in events if isinstance(e, JobFailed)]
+    assert len(failed) == 1 and "gave up after 3 attempts: upstream busy" in failed[0].error
+    assert await worker_bus.command_backlog("scripted") == 0
+
+
+async def test_permanent_error_fails_the_job_and_the_worker_goes_on(worker_bus: Bus, object_store: ObjectStore) -> None:
+    broken, fine = _command(), _command()
+    await worker_bus.publish_command(broken)
+    await worker_bus.publish_command(fine)
+    backend = ScriptedBackend(error=ValueError("model file is corrupt"))
+    worker = _worker(worker_bus, object_store, backend)
+    await worker.run(idle_timeout_s=0.5)
+    failed = [e for e in await _events(worker_bus, broken.job_id) if isinstance(e, JobFailed)]
+    assert [e.error for e in failed] == ["ValueError: model file is corrupt"]
+    assert any(isinstance(e, JobSucceeded) for e in await _events(worker_bus, fine.job_id))
+
+
+async def test_heartbeats_keep_a_long_job_from_being_redelivered(worker_bus: Bus, object_store: ObjectStore) -> None:
+    command = _command()
+    await worker_bus.publish_command(command)
+    # 5 s of work against a 2 s ack wait: only heartbeats keep it ours.
+    await _worker(worker_bus, object_store, ScriptedBackend(steps=10, step_s=0.5)).run(idle_timeout_s=0.5)
+    events = await _events(worker_bus, command.job_id)
+    assert [e.attempt for e in events if isinstance(e, JobStarted)] == [1]
+    assert sum(isinstance(e, JobSucceeded) for e in events) == 1
+
+
+async def test_cancel_stops_the_job_between_steps(worker_bus: Bus, object_store: ObjectStore) -> None:
+    command = _command()
+    await worker_bus.publish_command(command)
+    backend = ScriptedBackend(steps=50, step_s=0.05)
+    run = asyncio.create_task(_worker(worker_bus, object_store, backend).run(idle_timeout_s=0.5))
+    await asyncio.to_thread(backend.started.wait, 10)
+    await worker_bus.publish_control(CancelJob(job_id=command.job_id, backend="scripted", reason="user asked"))
+    await run
+    events = await _events(worker_bus, command.job_id)
+    assert [e.reason for e in events if isinstance(e, JobCanceled)] == ["user asked"]
+    assert max((e.step for e in events if isinstance(e, JobProgress)), default=0) < 50
+    assert not any(isinstance(e, ImageStored | JobSucceeded) for e in events)
+
+
+async def test_sigterm_lets_a_short_job_finish(worker_bus: Bus, object_store: ObjectStore) -> None:
+    command = _command()
+    await worker_bus.publish_command(command)
+    backend = ScriptedBackend(steps=5, step_s=0.1)
+    stop = asyncio.Event()
+    run = asyncio.create_task(_worker(worker_bus, object_store, backend, shutdown_grace_s=5).run(stop=stop))
+    await asyncio.to_thread(backend.started.wait, 10)
+    stop.set()
+    await asyncio.wait_for(run, 10)
+    assert any(isinstance(e, JobSucceeded) for e in await _events(worker_bus, command.job_id))
+
+
+async def test_sigterm_hands_a_long_job_back_to_another_worker(worker_bus: Bus, object_store: ObjectStore) -> None:
+    command = _command()
+    await worker_bus.publish_command(command)
+    slow = ScriptedBackend(steps=100, step_s=0.05)
+    stop = asyncio.Event()
+    run = asyncio.create_task(_worker(worker_bus, object_store, slow, shutdown_grace_s=0.3).run(stop=stop))
+    await asyncio.to_thread(slow.started.wait, 10)
+    stop.set()
+    await asyncio.wait_for(run, 10)
+    events = await _events(worker_bus, command.job_id)
+    assert not any(isinstance(e, JobSucceeded | JobFailed | JobCanceled) for e in events), events
+
+    await _worker(worker_bus, object_store, ScriptedBackend(), worker_id="w2").run(idle_timeout_s=1.0)
+    events = await _events(worker_bus, command.job_id)
+    assert [(e.worker_id, e.attempt) for e in events if isinstance(e, JobStarted)] == [("w", 1), ("w2", 2)]
+    assert sum(isinstance(e, JobSucceeded) for e in events) == 1
