@@ -6,13 +6,13 @@ live projection equal to a rebuild from the log, and redelivery or replay harmle
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import RowMapping
 
 from schemas import (
     Event,
@@ -63,7 +63,7 @@ class JobRow:
     last_event_at: datetime
 
     @classmethod
-    def from_columns(cls, columns: RowMapping) -> JobRow:
+    def from_columns(cls, columns: Mapping[Any, Any]) -> JobRow:
         values = {f.name: columns[f.name] for f in fields(cls)}
         return cls(**{**values, "status": JobStatus(values["status"])})
 
@@ -90,7 +90,7 @@ class ImageRow:
     state: ImageState
 
     @classmethod
-    def from_columns(cls, columns: RowMapping) -> ImageRow:
+    def from_columns(cls, columns: Mapping[Any, Any]) -> ImageRow:
         values = {f.name: columns[f.name] for f in fields(cls)}
         return cls(**{**values, "state": ImageState(values["state"])})
 
@@ -204,7 +204,8 @@ def _started(job: JobRow, event: JobStarted) -> JobRow:
 
 
 def _progressed(job: JobRow, event: JobProgress) -> JobRow:
-    if job.status.is_terminal():
+    # A late duplicate from an earlier attempt must not show that attempt's step.
+    if job.status.is_terminal() or event.attempt < job.attempt:
         return job
     return replace(
         job,

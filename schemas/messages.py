@@ -99,6 +99,8 @@ class JobProgress(Message):
     type: Literal["JobProgress"] = "JobProgress"
     step: int
     total_steps: int
+    # Which delivery of the job this progress belongs to (a redelivered job starts over).
+    attempt: int = 1
     # Small JPEG as a data URL, at most every 0.5 s; absent on most steps.
     preview: str | None = None
 

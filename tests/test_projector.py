@@ -11,7 +11,7 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -71,8 +71,8 @@ def started(job: str = "j1", *, attempt: int = 1, t: float = 1) -> JobStarted:
     return JobStarted(job_id=job, worker_id="w1", attempt=attempt, occurred_at=at(t))
 
 
-def progress(job: str = "j1", *, step: int, total: int = 4, t: float = 2) -> JobProgress:
-    return JobProgress(job_id=job, step=step, total_steps=total, occurred_at=at(t))
+def progress(job: str = "j1", *, step: int, total: int = 4, t: float = 2, attempt: int = 1) -> JobProgress:
+    return JobProgress(job_id=job, step=step, total_steps=total, attempt=attempt, occurred_at=at(t))
 
 
 def stored(job: str = "j1", *, index: int = 0, key: str = "a1", t: float = 3) -> ImageStored:
@@ -132,7 +132,8 @@ def job_story(rng: random.Random, job: str, start: float) -> list[Event]:
             t += 0.1
             events.append(stored(job, index=index, key=f"a{attempt}", t=t))
     t += 0.1
-    events.append({"succeeded": succeeded, "failed": failed, "canceled": canceled}[outcome](job, t=t))
+    outcomes: dict[str, Callable[..., Event]] = {"succeeded": succeeded, "failed": failed, "canceled": canceled}
+    events.append(outcomes[outcome](job, t=t))
     if outcome == "succeeded":
         # The reaper expires every object it stored, orphans of the first attempt included.
         events += [expired(job, index=i, key=f"a{a}", t=t + 600) for a in range(1, attempts + 1) for i in range(n)]
@@ -224,10 +225,16 @@ def test_job_started_keeps_the_first_start_and_restarts_steps_on_a_new_attempt()
 
 
 def test_duplicate_or_stale_job_started_keeps_attempt_and_progress() -> None:
-    projection = fold([queued(), started(attempt=2, t=1), progress(step=3, t=2)])
+    projection = fold([queued(), started(attempt=2, t=1), progress(step=3, t=2, attempt=2)])
     fold([started(attempt=2, t=1), started(attempt=1, t=0.5)], projection)
     job = projection.jobs["j1"]
     assert (job.attempt, job.step, job.status, job.started_at) == (2, 3, JobStatus.PROCESSING, at(1))
+
+
+def test_late_progress_from_an_earlier_attempt_is_ignored() -> None:
+    projection = fold([queued(), started(attempt=1), progress(step=3), started(attempt=2, t=5)])
+    fold([progress(step=2, t=6, attempt=2), progress(step=4, t=6.5, attempt=1)], projection)
+    assert projection.jobs["j1"].step == 2
 
 
 def test_progress_sets_steps_and_moves_a_pending_job_to_processing() -> None:

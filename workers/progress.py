@@ -21,9 +21,10 @@ class ProgressPublisher:
     The backend never waits for the bus: a slow broker delays progress events, not diffusion.
     """
 
-    def __init__(self, bus: Bus, job_id: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, bus: Bus, job_id: str, attempt: int, loop: asyncio.AbstractEventLoop) -> None:
         self._bus = bus
         self._job_id = job_id
+        self._attempt = attempt
         self._loop = loop
         self._queue: asyncio.Queue[Progress | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -52,7 +53,11 @@ class ProgressPublisher:
             if progress.preview_jpeg is not None:
                 preview = "data:image/jpeg;base64," + base64.b64encode(progress.preview_jpeg).decode()
             event = JobProgress(
-                job_id=self._job_id, step=progress.step, total_steps=progress.total_steps, preview=preview
+                job_id=self._job_id,
+                step=progress.step,
+                total_steps=progress.total_steps,
+                attempt=self._attempt,
+                preview=preview,
             )
             try:
                 await self._bus.publish_event(event)

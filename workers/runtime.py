@@ -145,7 +145,7 @@ class Worker:
             await self._bus.publish_event(
                 JobStarted(job_id=command.job_id, worker_id=self._options.worker_id, attempt=delivery.attempt)
             )
-            image_ids = await self._generate_and_store(command, token)
+            image_ids = await self._generate_and_store(command, delivery.attempt, token)
             return Succeeded(image_ids)
         except GenerationCanceled as exc:
             return HandBack() if token.reason == _SHUTDOWN else Canceled(str(exc) or token.reason)
@@ -181,10 +181,10 @@ class Worker:
                 await delivery.nak()
         log.info("job_settled", outcome=type(outcome).__name__)
 
-    async def _generate_and_store(self, command: GenerateImage, token: CancelToken) -> list[str]:
+    async def _generate_and_store(self, command: GenerateImage, attempt: int, token: CancelToken) -> list[str]:
         loop = asyncio.get_running_loop()
         params = command.params
-        with ProgressPublisher(self._bus, command.job_id, loop) as progress:
+        with ProgressPublisher(self._bus, command.job_id, attempt, loop) as progress:
             await loop.run_in_executor(self._executor, self._backend.prepare, params.model)
             images = await loop.run_in_executor(self._executor, self._backend.generate, params, progress, token)
             await progress.flush()
