@@ -15,7 +15,6 @@ import sqlalchemy as sa
 from bus import BusOptions, connect_bus
 from imagebus.process import ManagedProcess
 from projector.database import create_engine, create_schema
-from projector.service import rebuild
 from projector.tables import images, jobs, projector_positions
 from schemas import (
     GenerationParams,
@@ -208,10 +207,24 @@ async def test_projector_killed_at_random_points_equals_rebuild(
     finally:
         projector.stop()
 
+    # The comparison is built the way an operator would: `imagebus projector --rebuild`.
     fresh_url = await new_database_url()  # same kind of database as the live one
-    fresh = create_engine(fresh_url)
-    await rebuild(fresh, bus)
-    await fresh.dispose()
+    rebuilder = _role("rebuild", ["projector", "--rebuild"], {**env, "IMAGEBUS_DATABASE_URL": fresh_url}, tmp_path)
+    try:
+        for _ in range(600):
+            if await _position_or_zero(fresh_url) >= last_position:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        assert rebuilder.stop() == 0, rebuilder.tail()
     await bus.close()
     assert len(live[0]) == len({event.job_id for event in all_events})
     assert live == await _table_rows(fresh_url)
+
+
+async def _position_or_zero(url: str) -> int:
+    """The projector's position, or 0 while its tables do not exist yet."""
+    try:
+        return await _position(url)
+    except sa.exc.DBAPIError:
+        return 0
