@@ -20,26 +20,26 @@ What RabbitMQ does differently from JetStream (callers need not care, but operat
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager, suppress
 from typing import Any
 
 import aio_pika
+import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import ChannelNotFoundEntity
-from pydantic import ValidationError
 
+from bus._amqp_topology import declare_command_queue, declare_events_log, declare_topology
+from bus._decoding import decoded_or_none
 from bus._names import AmqpNames, checked_token
 from bus.base import BusOptions, CommandDelivery, LoggedEvent
 from schemas import CancelJob, Event, GenerateImage, Message, decode_command, decode_control, decode_event, encode
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 # Stream consumers need a prefetch (credit); acks return it.
 _EVENT_PREFETCH = 200
@@ -117,16 +117,7 @@ class AmqpBus:
         )
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            await channel.declare_exchange(names.commands_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
-            await channel.declare_exchange(names.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-            await channel.declare_exchange(names.control_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-            dead_letter = await channel.declare_exchange(
-                names.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-            )
-            dead = await channel.declare_queue(names.dead_queue, durable=True)
-            await dead.bind(dead_letter, routing_key="")
-            events_log = await _declare_events_log(channel, names, options)
-            await events_log.bind(names.events_exchange, routing_key=names.evt_binding(None))
+            await declare_topology(channel, names, options)
         except BaseException:
             await connection.close()
             raise
@@ -141,7 +132,7 @@ class AmqpBus:
         backend = checked_token(command.backend, "backend")
         if backend not in self._command_queues:
             # Declared here too, so commands published before any worker started are kept.
-            await _declare_command_queue(self._channel, self._names, self.options, backend)
+            await declare_command_queue(self._channel, self._names, self.options, backend)
             self._command_queues.add(backend)
         await self._publish(self._names.commands_exchange, _message(command, persistent=True), backend)
 
@@ -174,16 +165,14 @@ class AmqpBus:
         delays: set[asyncio.Task[None]] = set()
         try:
             await channel.set_qos(prefetch_count=1)
-            queue = await _declare_command_queue(channel, self._names, self.options, backend)
+            queue = await declare_command_queue(channel, self._names, self.options, backend)
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
             await queue.consume(inbox.put)
 
             async def deliveries() -> AsyncGenerator[CommandDelivery, None]:
                 while (message := await _next(inbox, idle_timeout_s)) is not None:
-                    try:
-                        command = decode_command(message.body)
-                    except (ValidationError, ValueError):
-                        log.exception("unreadable command in %s: dead-lettered", queue.name)
+                    command = decoded_or_none(decode_command, message.body, f"in {queue.name} (dead-lettered)")
+                    if command is None:
                         await message.reject(requeue=False)
                         continue
                     yield _AmqpDelivery(message, command, delays)
@@ -218,7 +207,7 @@ class AmqpBus:
         channel = await self._connection.channel(publisher_confirms=False)
         try:
             await channel.set_qos(prefetch_count=_EVENT_PREFETCH)
-            stream = await _declare_events_log(channel, self._names, self.options)
+            stream = await declare_events_log(channel, self._names, self.options)
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
             # Position = stream offset + 1, so positions start at 1 as on the other buses and
             # "after p" is offset p.
@@ -235,10 +224,8 @@ class AmqpBus:
                     if position <= last:
                         continue
                     last = position
-                    try:
-                        yield LoggedEvent(position=position, event=decode_event(message.body))
-                    except (ValidationError, ValueError):
-                        log.exception("unreadable event at %d skipped", position)
+                    if (event := decoded_or_none(decode_event, message.body, f"at {position} (skipped)")) is not None:
+                        yield LoggedEvent(position=position, event=event)
 
             async with aclosing(events()) as iterator:
                 yield iterator
@@ -253,10 +240,9 @@ class AmqpBus:
             async def events() -> AsyncGenerator[Event, None]:
                 while True:
                     message = await inbox.get()
-                    try:
-                        yield decode_event(message.body)
-                    except (ValidationError, ValueError):
-                        log.exception("unreadable live event %s skipped", message.routing_key)
+                    event = decoded_or_none(decode_event, message.body, f"with key {message.routing_key}")
+                    if event is not None:
+                        yield event
 
             async with aclosing(events()) as iterator:
                 yield iterator
@@ -269,10 +255,9 @@ class AmqpBus:
             async def controls() -> AsyncGenerator[CancelJob, None]:
                 while True:
                     message = await inbox.get()
-                    try:
-                        yield decode_control(message.body)
-                    except (ValidationError, ValueError):
-                        log.exception("unreadable control message %s skipped", message.routing_key)
+                    control = decoded_or_none(decode_control, message.body, f"with key {message.routing_key}")
+                    if control is not None:
+                        yield control
 
             async with aclosing(controls()) as iterator:
                 yield iterator
@@ -297,32 +282,6 @@ class AmqpBus:
 # --- helpers ------------------------------------------------------------------------------------
 
 
-async def _declare_command_queue(
-    channel: AbstractChannel, names: AmqpNames, options: BusOptions, backend: str
-) -> AbstractQueue:
-    queue = await channel.declare_queue(
-        names.cmd_queue(backend),
-        durable=True,
-        arguments={
-            "x-queue-type": "quorum",
-            # The broker dead-letters once a message has been returned more than this many times,
-            # so the worker still sees delivery number max_deliveries (and can fail the job then).
-            "x-delivery-limit": max(options.max_deliveries - 1, 0),
-            "x-dead-letter-exchange": names.dead_letter_exchange,
-        },
-    )
-    await queue.bind(names.commands_exchange, routing_key=backend)
-    return queue
-
-
-async def _declare_events_log(channel: AbstractChannel, names: AmqpNames, options: BusOptions) -> AbstractQueue:
-    return await channel.declare_queue(
-        names.events_log,
-        durable=True,
-        arguments={"x-queue-type": "stream", "x-max-age": _max_age(options.event_retention_s)},
-    )
-
-
 def _message(message: Message, *, persistent: bool) -> aio_pika.Message:
     return aio_pika.Message(
         encode(message),
@@ -345,12 +304,3 @@ async def _next(
 def _stream_offset(message: AbstractIncomingMessage) -> int:
     offset: Any = (message.headers or {}).get("x-stream-offset")
     return int(offset)
-
-
-def _max_age(seconds: float) -> str:
-    """RabbitMQ's x-max-age syntax: a whole number with a unit (``7D``, ``12h``, ``90s``)."""
-    whole = max(int(seconds), 1)
-    for unit, size in (("D", 86_400), ("h", 3_600), ("m", 60)):
-        if whole % size == 0:
-            return f"{whole // size}{unit}"
-    return f"{whole}s"

@@ -8,35 +8,27 @@ also see every JetStream publish. Every stream, subject and consumer is prefixed
 from __future__ import annotations
 
 import asyncio
-import logging
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager, suppress
 
+import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import APIError, BadRequestError, NotFoundError
-from pydantic import ValidationError
+from nats.js.errors import BadRequestError, NotFoundError
 
+from bus._decoding import decoded_or_none
 from bus._names import NatsNames, checked_token
+from bus._nats_pull import EventReader, pull_one, unsubscribe
 from bus.base import BusOptions, CommandDelivery, LoggedEvent
 from schemas import CancelJob, Event, GenerateImage, decode_command, decode_control, decode_event, encode
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 _DUPLICATE_WINDOW_S = 120.0
 _CONNECT_TIMEOUT_S = 10.0
-# Length of one long-poll pull request when no idle timeout bounds it: short enough that a
-# request left behind on the server by a cancelled fetch expires soon.
-_FETCH_WAIT_S = 5.0
-_MIN_FETCH_WAIT_S = 0.01
-_EVENT_BATCH = 256
 # Every worker holds at most one command, so this only has to exceed the number of workers.
 _MAX_ACK_PENDING = 10_000
-# The server deletes a reader's ephemeral consumer after this long without pulls (a crashed reader).
-_READER_INACTIVE_S = 60.0
-_CLEANUP_TIMEOUT_S = 1.0
 # JetStream error code: "stream name already in use with a different configuration".
 _STREAM_NAME_IN_USE = 10058
 
@@ -101,13 +93,13 @@ class NatsBus:
 
         async def disconnected() -> None:
             if not nc.is_closed:  # also called by our own close()
-                log.warning("disconnected from NATS; reconnecting")
+                log.warning("nats_disconnected")
 
         async def reconnected() -> None:
-            log.info("reconnected to NATS")
+            log.info("nats_reconnected")
 
         async def failed(err: Exception) -> None:
-            log.warning("NATS connection error: %s", err)
+            log.warning("nats_connection_error", error=str(err))
 
         try:
             # Once connected, reconnect for as long as the process lives (a NATS restart is
@@ -208,11 +200,9 @@ class NatsBus:
         unsettled: list[_NatsDelivery] = []
 
         async def deliveries() -> AsyncGenerator[CommandDelivery, None]:
-            while (msg := await _pull_one(sub, idle_timeout_s)) is not None:
-                try:
-                    command = decode_command(msg.data)
-                except (ValidationError, ValueError):
-                    log.exception("unreadable command on %s: terminated", msg.subject)
+            while (msg := await pull_one(sub, idle_timeout_s)) is not None:
+                command = decoded_or_none(decode_command, msg.data, f"on {msg.subject} (terminated)")
+                if command is None:
                     await msg.term()
                     continue
                 delivery = _NatsDelivery(msg, command, self._nc)
@@ -228,7 +218,7 @@ class NatsBus:
                 if not delivery.settled:
                     with suppress(Exception):
                         await delivery.nak()
-            await _unsubscribe(sub)
+            await unsubscribe(sub)
 
     async def command_backlog(self, backend: str) -> int:
         backend = checked_token(backend, "backend")
@@ -247,18 +237,15 @@ class NatsBus:
     async def read_events(
         self, *, after: int | None = None, idle_timeout_s: float | None = None
     ) -> AsyncIterator[AsyncIterator[LoggedEvent]]:
-        reader = _EventReader(self._js, self._names, after)
+        reader = EventReader(self._js, self._names, after)
         await reader.open()
 
         async def events() -> AsyncGenerator[LoggedEvent, None]:
             while batch := await reader.next_batch(idle_timeout_s):
                 for msg in batch:
-                    try:
-                        event = decode_event(msg.data)
-                    except (ValidationError, ValueError):
-                        log.exception("unreadable event at %d skipped", msg.metadata.sequence.stream)
-                        continue
-                    yield LoggedEvent(position=msg.metadata.sequence.stream, event=event)
+                    position = msg.metadata.sequence.stream
+                    if (event := decoded_or_none(decode_event, msg.data, f"at {position} (skipped)")) is not None:
+                        yield LoggedEvent(position=position, event=event)
 
         try:
             async with aclosing(events()) as iterator:
@@ -273,10 +260,8 @@ class NatsBus:
 
             async def events() -> AsyncGenerator[Event, None]:
                 async for msg in messages:
-                    try:
-                        yield decode_event(msg.data)
-                    except (ValidationError, ValueError):
-                        log.exception("unreadable live event on %s skipped", msg.subject)
+                    if (event := decoded_or_none(decode_event, msg.data, f"on {msg.subject}")) is not None:
+                        yield event
 
             async with aclosing(events()) as iterator:
                 yield iterator
@@ -287,10 +272,8 @@ class NatsBus:
 
             async def controls() -> AsyncGenerator[CancelJob, None]:
                 async for msg in messages:
-                    try:
-                        yield decode_control(msg.data)
-                    except (ValidationError, ValueError):
-                        log.exception("unreadable control message on %s skipped", msg.subject)
+                    if (control := decoded_or_none(decode_control, msg.data, f"on {msg.subject}")) is not None:
+                        yield control
 
             async with aclosing(controls()) as iterator:
                 yield iterator
@@ -305,82 +288,6 @@ class NatsBus:
         finally:
             with suppress(Exception):
                 await sub.unsubscribe()
-
-
-class _EventReader:
-    """An ephemeral pull consumer over the event stream that restarts where it left off.
-
-    Acks are off (a reader keeps its own position), so a batch lost in a reconnect shows up as a
-    gap in the consumer sequence; the consumer is then re-created from the next stream sequence.
-    """
-
-    def __init__(self, js: JetStreamContext, names: NatsNames, after: int | None) -> None:
-        self._js = js
-        self._names = names
-        self._next_seq = (after or 0) + 1
-        self._consumer = ""
-        self._consumer_seq = 0
-        self._sub: JetStreamContext.PullSubscription | None = None
-
-    async def open(self) -> None:
-        self._consumer = f"{self._names.namespace}-reader-{uuid.uuid4().hex}"
-        self._consumer_seq = 0
-        await self._js.add_consumer(
-            self._names.evt_stream,
-            api.ConsumerConfig(
-                name=self._consumer,
-                filter_subject=self._names.evt_subjects,
-                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=self._next_seq,
-                ack_policy=api.AckPolicy.NONE,
-                inactive_threshold=_READER_INACTIVE_S,
-                mem_storage=True,
-                num_replicas=1,
-            ),
-        )
-        self._sub = await self._js.pull_subscribe_bind(self._consumer, stream=self._names.evt_stream)
-
-    async def close(self) -> None:
-        if self._sub is not None:
-            await _unsubscribe(self._sub)
-            self._sub = None
-        with suppress(Exception):
-            async with asyncio.timeout(_CLEANUP_TIMEOUT_S):
-                await self._js.delete_consumer(self._names.evt_stream, self._consumer)
-
-    async def next_batch(self, idle_timeout_s: float | None) -> list[Msg]:
-        """The next messages in order; empty only once ``idle_timeout_s`` passed without any."""
-        deadline = _deadline(idle_timeout_s)
-        while (wait := _fetch_wait(deadline)) is not None:
-            assert self._sub is not None
-            try:
-                msgs = await self._sub.fetch(_EVENT_BATCH, timeout=wait)
-            except TimeoutError:
-                continue
-            except APIError:
-                # The consumer went away (server restart, inactivity): start again where we were.
-                log.warning("event reader consumer lost; re-creating it at %d", self._next_seq)
-                await self.close()
-                await self.open()
-                continue
-            batch = self._in_order(msgs)
-            if len(batch) < len(msgs):
-                await self.close()
-                await self.open()
-            if batch:
-                return batch
-        return []
-
-    def _in_order(self, msgs: list[Msg]) -> list[Msg]:
-        batch = []
-        for msg in msgs:
-            sequence = msg.metadata.sequence
-            if sequence.consumer != self._consumer_seq + 1:
-                break
-            self._consumer_seq = sequence.consumer
-            self._next_seq = sequence.stream + 1
-            batch.append(msg)
-        return batch
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -401,31 +308,3 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None
         )
         if wanted != current:
             await js.update_stream(wanted)
-
-
-async def _pull_one(sub: JetStreamContext.PullSubscription, idle_timeout_s: float | None) -> Msg | None:
-    deadline = _deadline(idle_timeout_s)
-    while (wait := _fetch_wait(deadline)) is not None:
-        try:
-            return (await sub.fetch(1, timeout=wait))[0]
-        except TimeoutError:
-            continue
-    return None
-
-
-def _deadline(idle_timeout_s: float | None) -> float | None:
-    return None if idle_timeout_s is None else asyncio.get_running_loop().time() + idle_timeout_s
-
-
-def _fetch_wait(deadline: float | None) -> float | None:
-    """How long the next pull request may wait; None once the idle deadline has passed."""
-    if deadline is None:
-        return _FETCH_WAIT_S
-    left = deadline - asyncio.get_running_loop().time()
-    return min(left, _FETCH_WAIT_S) if left >= _MIN_FETCH_WAIT_S else None
-
-
-async def _unsubscribe(sub: JetStreamContext.PullSubscription) -> None:
-    # Unsubscribing before the connection closes is what keeps close() fast after a timed-out fetch.
-    with suppress(Exception):
-        await sub.unsubscribe()

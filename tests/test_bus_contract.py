@@ -59,6 +59,18 @@ async def nothing_more(iterator: AsyncIterator[object], within_s: float = QUIET_
     return False
 
 
+async def backlog_becomes(bus: Bus, expected: int, within_s: float = 3.0) -> int:
+    """The backlog, polled until it is ``expected`` (or the time is up): settling is asynchronous
+    inside the brokers (RabbitMQ requeues a closed channel's unacked messages a moment after the
+    close), and the backlog is a scaling metric, not a transactional count."""
+    deadline = time.monotonic() + within_s
+    backlog = await bus.command_backlog(BACKEND)
+    while backlog != expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        backlog = await bus.command_backlog(BACKEND)
+    return backlog
+
+
 async def consume_all(bus: Bus, idle_timeout_s: float = QUIET_S) -> list[CommandDelivery]:
     """Burst-consume and ack everything there is."""
     taken: list[CommandDelivery] = []
@@ -86,7 +98,7 @@ async def test_command_is_delivered_once_and_acked(bus: Bus) -> None:
 
         assert [(d.command, d.attempt) for d in taken] == [(sent, 1)]
         assert await consume_all(bus) == []
-        assert await bus.command_backlog(BACKEND) == 0
+        assert await backlog_becomes(bus, 0) == 0
 
 
 async def test_commands_go_only_to_their_backend(bus: Bus) -> None:
@@ -108,7 +120,7 @@ async def test_two_consumers_share_the_work(bus: Bus, connect_more: ConnectBus) 
             done = []
             async with on.consume_commands(BACKEND, idle_timeout_s=0.5) as deliveries:
                 async for delivery in deliveries:
-                    await asyncio.sleep(0.02)  # some work, so the other worker gets a turn
+                    await asyncio.sleep(0.05)  # some work, so the other worker gets a turn
                     await delivery.ack()
                     done.append(delivery.command.message_id)
             return done
@@ -177,7 +189,7 @@ async def test_unsettled_delivery_after_ack_wait(bus_kind: str, connect_more: Co
 
         async with hung.consume_commands(BACKEND, idle_timeout_s=3.0) as held:
             stuck = await anext(held)
-            async with other.consume_commands(BACKEND, idle_timeout_s=1.8) as deliveries:
+            async with other.consume_commands(BACKEND, idle_timeout_s=2.5) as deliveries:
                 redelivered = await anext(deliveries, None)
                 if redelivered is not None:
                     await redelivered.ack()
@@ -207,7 +219,7 @@ async def test_in_progress_keeps_a_slow_job_from_redelivery(connect_more: Connec
             await delivery.ack()
 
         assert stolen is None
-        assert await slow.command_backlog(BACKEND) == 0
+        assert await backlog_becomes(slow, 0) == 0
 
 
 async def test_deliveries_are_bounded_by_max_deliveries(bus: Bus, bus_options: BusOptions) -> None:
@@ -221,7 +233,7 @@ async def test_deliveries_are_bounded_by_max_deliveries(bus: Bus, bus_options: B
                 await delivery.nak()
 
         assert attempts == list(range(1, bus_options.max_deliveries + 1))
-        assert await bus.command_backlog(BACKEND) == 0
+        assert await backlog_becomes(bus, 0) == 0
 
 
 async def test_term_drops_the_command(bus: Bus) -> None:
@@ -232,7 +244,7 @@ async def test_term_drops_the_command(bus: Bus) -> None:
             await (await anext(deliveries)).term()
 
         assert await consume_all(bus) == []
-        assert await bus.command_backlog(BACKEND) == 0
+        assert await backlog_becomes(bus, 0) == 0
 
 
 async def test_a_delivery_is_settled_once(bus: Bus) -> None:
@@ -271,7 +283,7 @@ async def test_command_backlog_counts_waiting_commands(bus: Bus) -> None:
         async with bus.consume_commands(BACKEND, idle_timeout_s=3.0) as deliveries:
             await (await anext(deliveries)).ack()
 
-        assert await bus.command_backlog(BACKEND) == 2
+        assert await backlog_becomes(bus, 2) == 2
 
 
 async def test_idle_consumer_ends(bus: Bus) -> None:
@@ -296,7 +308,7 @@ async def test_event_log_keeps_order_with_increasing_positions(bus: Bus) -> None
         assert [entry.event for entry in logged] == sent
         positions = [entry.position for entry in logged]
         assert positions == sorted(set(positions))
-        assert positions[0] >= 1
+        assert positions[0] == 1  # a fresh log starts at 1 on every bus, so 0 can mean "nothing read"
 
 
 async def test_reading_resumes_right_after_a_position(bus: Bus) -> None:
@@ -420,3 +432,19 @@ async def test_close_is_quick_after_idle_consumers(bus_url: str, bus_options: Bu
         started = time.monotonic()
         await bus.close()
         assert time.monotonic() - started < 1.0
+
+
+async def test_contexts_exit_cleanly_after_the_bus_is_closed(bus_url: str, bus_options: BusOptions) -> None:
+    # Shutdown order is not always tidy: a bus closed under open subscriptions must not make their
+    # exits raise or hang.
+    async with asyncio.timeout(TEST_TIMEOUT_S):
+        bus = await connect_bus(bus_url, bus_options)
+        await bus.publish_command(command())
+        async with (
+            bus.consume_commands(BACKEND, idle_timeout_s=3.0) as deliveries,
+            bus.read_events(idle_timeout_s=3.0),
+            bus.watch_events(),
+            bus.watch_control(BACKEND),
+        ):
+            await anext(deliveries)
+            await bus.close()
