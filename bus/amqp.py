@@ -25,7 +25,6 @@ from contextlib import aclosing, asynccontextmanager, suppress
 from typing import Any
 
 import aio_pika
-import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -38,8 +37,6 @@ from bus._decoding import decoded_or_none
 from bus._names import AmqpNames, checked_token
 from bus.base import BusOptions, CommandDelivery, LoggedEvent
 from schemas import CancelJob, Event, GenerateImage, Message, decode_command, decode_control, decode_event, encode
-
-log = structlog.get_logger(__name__)
 
 # Stream consumers need a prefetch (credit); acks return it.
 _EVENT_PREFETCH = 200

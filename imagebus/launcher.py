@@ -124,9 +124,7 @@ def run_stack(settings: LauncherSettings, args: argparse.Namespace) -> int:
         for index in range(args.workers):
             name = f"worker-diffusers-{index + 1}"
             argv = ["worker", "--backend", "diffusers"]
-            roles.append(
-                _role(name, argv, data_dir, {**child_env, "IMAGEBUS_WORKER_WORKER_ID": name}).start()
-            )
+            roles.append(_role(name, argv, data_dir, {**child_env, "IMAGEBUS_WORKER_WORKER_ID": name}).start())
         ingress_argv = ["ingress", "--host", args.host, "--port", str(args.port)]
         ingress = _role("ingress", ingress_argv, data_dir, child_env).start()
         roles.append(ingress)
