@@ -107,7 +107,7 @@ async def worker_bus(request: pytest.FixtureRequest) -> Any:
 
 def _worker(bus: Bus, store: ObjectStore, backend: ScriptedBackend, **options: Any) -> Worker:
     defaults: dict[str, Any] = {"worker_id": "w", "max_deliveries": 3, "heartbeat_interval_s": 0.3}
-    return Worker(bus, store, backend, WorkerOptions(**{**defaults, **options}))  # type: ignore[arg-type]
+    return Worker(bus, store, backend, WorkerOptions(**{**defaults, **options}))
 
 
 async def test_success_stores_images_and_acks_once(worker_bus: Bus, object_store: ObjectStore) -> None:
