@@ -9,6 +9,7 @@ order: ingress first (no new work), workers (drain), then the rest, servers last
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import signal
 import sys
@@ -121,10 +122,17 @@ def run_stack(settings: LauncherSettings, args: argparse.Namespace) -> int:
 
         roles.append(_role("projector", ["projector"], data_dir, child_env).start())
         roles.append(_role("reaper", ["reaper"], data_dir, child_env).start())
+        # CPU workers share the cores; on a GPU machine the GPU does the work and this matters little.
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, args.workers)))
         for index in range(args.workers):
             name = f"worker-diffusers-{index + 1}"
-            argv = ["worker", "--backend", "diffusers"]
-            roles.append(_role(name, argv, data_dir, {**child_env, "IMAGEBUS_WORKER_WORKER_ID": name}).start())
+            worker_env = {
+                **child_env,
+                "IMAGEBUS_WORKER_WORKER_ID": name,
+                "IMAGEBUS_WORKER_TORCH_THREADS": threads,
+                "OMP_NUM_THREADS": threads,
+            }
+            roles.append(_role(name, ["worker", "--backend", "diffusers"], data_dir, worker_env).start())
         ingress_argv = ["ingress", "--host", args.host, "--port", str(args.port)]
         ingress = _role("ingress", ingress_argv, data_dir, child_env).start()
         roles.append(ingress)

@@ -65,6 +65,11 @@ def build_backend(name: str, catalog: Catalog, settings: WorkerSettings) -> Back
     if name == "diffusers":
         from workers.backends.diffusers import DiffusersBackend
 
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+
         return DiffusersBackend(
             catalog,
             device=settings.device,

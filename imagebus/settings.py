@@ -80,6 +80,9 @@ class WorkerSettings(_RoleSettings, _BusMixin, _S3Mixin, _CatalogMixin):
     # Seconds a SIGTERM'd worker waits for its in-flight job before handing it back.
     shutdown_grace_s: float = 25.0
     preview_interval_s: float = 0.5
+    # CPU threads for torch. Several CPU workers on one machine must share the cores: oversubscribed
+    # OpenMP threads spin against each other and every worker slows down (`imagebus up` sets this).
+    torch_threads: int | None = None
     # Models to load before taking work, so the first job does not pay for loading.
     preload: bool = True
 

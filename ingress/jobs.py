@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import UTC, datetime
 
@@ -87,15 +88,18 @@ class JobService:
         except Exception as exc:
             log.error("publish_failed", error=str(exc))
             raise ApiError(503, "the message bus is unavailable; nothing was queued, try again") from exc
-        # Read-your-writes: the row the projector will write anyway, written now.
-        await self._read_model.record_queued(queued)
         command = GenerateImage(job_id=job_id, message_id=job_id, owner=owner, backend=spec.backend, params=params)
-        try:
-            await self._bus.publish_command(command)
-        except Exception as exc:
-            log.error("enqueue_failed", error=str(exc))
+        # Read-your-writes: the row the projector will write anyway, written now, while the command
+        # is already on its way to a worker (the row is insert-if-absent, so order does not matter).
+        enqueued, recorded = await asyncio.gather(
+            self._bus.publish_command(command), self._read_model.record_queued(queued), return_exceptions=True
+        )
+        if isinstance(enqueued, BaseException):
+            log.error("enqueue_failed", error=str(enqueued))
             await self._bus.publish_event(JobFailed(job_id=job_id, error="could not be queued"))
-            raise ApiError(503, "the message bus is unavailable; the job was not queued") from exc
+            raise ApiError(503, "the message bus is unavailable; the job was not queued") from enqueued
+        if isinstance(recorded, BaseException):
+            raise recorded
         return JobAccepted(
             job_id=job_id, model=spec.id, created_at=queued.occurred_at, status_url=f"/api/jobs/{job_id}"
         )

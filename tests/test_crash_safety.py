@@ -179,15 +179,20 @@ async def test_projector_killed_at_random_points_equals_rebuild(
         await bus.publish_event(event)
     last_position = len(all_events)
 
+    started: list[ManagedProcess] = []
+
+    def start_projector() -> ManagedProcess:
+        started.append(_role("projector", ["projector"], env, tmp_path))
+        return started[-1]
+
     kills_midway = 0
-    projector = _role("projector", ["projector"], env, tmp_path)
+    projector = start_projector()
     try:
         seen = 0
         while kills_midway < 5:
             # Kill it at a random moment once it is applying, i.e. after its position moved.
             for _ in range(600):
-                position = await _position(database_url)
-                if position > seen:
+                if await _position(database_url) > seen:
                     break
                 await asyncio.sleep(0.01)
             await asyncio.sleep(rng.uniform(0.0, 0.05))
@@ -196,16 +201,18 @@ async def test_projector_killed_at_random_points_equals_rebuild(
             if seen >= last_position:
                 break
             kills_midway += 1
-            projector = _role("projector", ["projector"], env, tmp_path)
+            projector = start_projector()
         assert kills_midway >= 3, "the projector finished before it could be killed midway; add events"
-        projector = _role("projector", ["projector"], env, tmp_path)
+        if not projector.alive():
+            projector = start_projector()
         for _ in range(600):
             if await _position(database_url) >= last_position:
                 break
             await asyncio.sleep(0.05)
         live = await _table_rows(database_url)
     finally:
-        projector.stop()
+        for process in started:
+            process.stop(grace_s=5)
 
     # The comparison is built the way an operator would: `imagebus projector --rebuild`.
     fresh_url = await new_database_url()  # same kind of database as the live one
