@@ -1,4 +1,4 @@
-"""``imagebus``: run the whole embedded stack (``up``) or one role."""
+"""imagebus: run the whole embedded stack (up) or one role (ingress, worker, projector, reaper)."""
 
 from __future__ import annotations
 
