@@ -209,7 +209,7 @@ def load_pipeline(source: str, placement: Placement) -> Any:
         elif source.startswith(("/", ".", "~")):
             raise ValueError(f"model folder {source!r} does not exist")
         # A hub id loads from the local Hugging Face cache, or downloads when the network allows.
-        pipeline = AutoPipelineForText2Image.from_pretrained(source, torch_dtype=placement.dtype)
+        pipeline = AutoPipelineForText2Image.from_pretrained(source, dtype=placement.dtype)
     pipeline = pipeline.to(device=placement.device)
     # We report progress ourselves; tqdm bars would only clutter the worker's log.
     pipeline.set_progress_bar_config(disable=True)
