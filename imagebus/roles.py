@@ -112,22 +112,22 @@ async def run_worker(settings: WorkerSettings) -> None:
 
 
 async def run_projector(settings: ProjectorSettings, *, rebuild_first: bool = False) -> None:
-    from projector.database import create_engine, create_schema
+    from projector.database import create_database, create_schema
     from projector.service import Projector, rebuild
 
-    engine = create_engine(settings.database_url)
+    database = create_database(settings.database_url)
     bus = await _connect(settings)
     try:
         stop = stop_on_signals()
         if rebuild_first:
-            count = await rebuild(engine, bus, name=settings.name)
+            count = await rebuild(database, bus, name=settings.name)
             log.info("projector_rebuilt", events=count)
-        await create_schema(engine)
+        await create_schema(database)
         log.info("projector_ready")
-        await Projector(engine, bus, name=settings.name, batch_size=settings.batch_size).run(stop=stop)
+        await Projector(database, bus, name=settings.name, batch_size=settings.batch_size).run(stop=stop)
     finally:
         await bus.close()
-        await engine.dispose()
+        await database.dispose()
 
 
 async def run_reaper(settings: ReaperSettings) -> None:

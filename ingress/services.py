@@ -10,7 +10,7 @@ from bus import Bus, connect_bus
 from ingress.auth import KeyRing
 from ingress.config import IngressConfig
 from ingress.jobs import JobService
-from projector.database import create_engine, create_schema
+from projector.database import create_database, create_schema
 from projector.readside import ReadModel
 from storage.object_store import ObjectStore
 
@@ -28,12 +28,12 @@ class Services:
 @asynccontextmanager
 async def open_services(config: IngressConfig) -> AsyncIterator[Services]:
     keyring = KeyRing(config.api_keys, config.key_secret)
-    engine = create_engine(config.database_url)
-    await create_schema(engine)
+    database = create_database(config.database_url)
+    await create_schema(database)
     bus = await connect_bus(config.bus_url, config.bus_options)
     store = ObjectStore(config.s3)
     try:
-        read_model = ReadModel(engine)
+        read_model = ReadModel(database)
         yield Services(
             config=config,
             bus=bus,
@@ -44,4 +44,4 @@ async def open_services(config: IngressConfig) -> AsyncIterator[Services]:
         )
     finally:
         await bus.close()
-        await engine.dispose()
+        await database.dispose()

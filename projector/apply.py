@@ -7,7 +7,7 @@ live projection equal to a rebuild from the log, and redelivery or replay harmle
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -68,7 +68,9 @@ class JobRow:
         return cls(**{**values, "status": JobStatus(values["status"])})
 
     def to_columns(self) -> dict[str, Any]:
-        return {**asdict(self), "status": self.status.value}
+        # Shallow (asdict would deep-copy params on every write): the row is immutable and
+        # nothing mutates the columns on their way into SQL.
+        return {**vars(self), "status": self.status.value}
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class ImageRow:
         return cls(**{**values, "state": ImageState(values["state"])})
 
     def to_columns(self) -> dict[str, Any]:
-        return {**asdict(self), "state": self.state.value}
+        return {**vars(self), "state": self.state.value}
 
 
 @dataclass

@@ -1,4 +1,10 @@
-"""Engines and schema for the read model: SQLite (aiosqlite, WAL) by default, PostgreSQL (asyncpg) by URL.
+"""The read model's database: SQLite (stdlib sqlite3, WAL) by default, PostgreSQL (asyncpg) by URL.
+
+Queries are plain synchronous SQLAlchemy Core functions of a ``Connection``, the same on both
+databases; ``Database.read`` and ``Database.write`` run one such function as one transaction.
+On SQLite that is one hop to a worker thread running the stdlib driver: per statement, an async
+driver would cost a thread hop and a greenlet switch, a hundred times the statement itself.
+On PostgreSQL the function runs on the asyncpg connection through ``run_sync``.
 
 This is the one module that knows which SQL dialect it talks to.
 """
@@ -6,14 +12,20 @@ This is the one module that knows which SQL dialect it talks to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import functools
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Executable, Table, event, text
+import sqlalchemy
+from sqlalchemy import Connection, Engine, Executable, Table, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from projector.tables import READ_MODEL_TABLES, metadata
 
@@ -21,33 +33,161 @@ from projector.tables import READ_MODEL_TABLES, metadata
 # a writer waits this long for the other's transaction instead of failing at once.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
+# One writer thread: SQLite takes one writer at a time anyway, and in-process writers then queue
+# in order instead of retrying on the busy timeout. Readers run beside it (WAL never blocks them).
+_SQLITE_READ_THREADS = 2
+
 T = TypeVar("T")
 
-# Execution option marking a connection whose transaction will write (see write).
+# Execution option marking a connection whose transaction will write (read by the SQLite begin hook).
 _WRITE_OPTION = "imagebus_write"
 
 # Arbitrary constant key for the advisory lock that serialises create/drop of the schema.
 _SCHEMA_LOCK_KEY = 0x1A6EB05
 
 
-def create_engine(url: str) -> AsyncEngine:
-    """An async engine for ``sqlite:///file.db`` or ``postgresql://`` / ``postgres://`` URLs.
+class Database(ABC):
+    """Runs synchronous SQLAlchemy Core work against the read model, one transaction per call."""
 
-    Any sync driver named in the URL is swapped for the async one (aiosqlite, asyncpg).
+    @abstractmethod
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a read transaction (one snapshot) and return its result."""
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a write transaction that always ends in a commit or a rollback.
+
+        A cancellation of the caller is delivered once the transaction has ended: the work is
+        never cut off mid-statement (on aiosqlite that left a "zombie" connection holding the
+        write lock until garbage collection), and whoever cancelled can rely on no transaction
+        of ours still being open. Transactions here last milliseconds.
+        """
+        transaction = self._start_write(work)
+        try:
+            return await asyncio.shield(transaction)
+        except asyncio.CancelledError:
+            await asyncio.wait({transaction})
+            raise
+
+    @abstractmethod
+    def _start_write(self, work: Callable[[Connection], T]) -> asyncio.Future[T]:
+        """Start ``work`` in a write transaction that runs to its end whatever happens to the caller."""
+
+    @abstractmethod
+    async def dispose(self) -> None:
+        """Wait for work in flight, then close every connection."""
+
+
+def create_database(url: str) -> Database:
+    """The read model at ``sqlite:///file.db`` or a ``postgresql://`` / ``postgres://`` URL.
+
+    SQLite always uses the stdlib driver; PostgreSQL uses asyncpg unless the URL names psycopg.
     """
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        return _sqlite_engine(parsed.set(drivername="sqlite+aiosqlite"))
+        if parsed.database in (None, "", ":memory:"):
+            raise ValueError("an in-memory SQLite read model would be one per connection: give it a file")
+        return SQLiteDatabase(parsed.set(drivername="sqlite+pysqlite"))
     if backend in ("postgresql", "postgres"):
-        return _postgres_engine(parsed)
+        return PostgresDatabase(parsed)
     raise ValueError(f"unsupported read-model URL {parsed.render_as_string()!r}: use sqlite:// or postgresql://")
 
 
-def _sqlite_engine(url: URL) -> AsyncEngine:
-    engine = create_async_engine(url)
+class SQLiteDatabase(Database):
+    """A SQLite file driven by the stdlib driver in a few dedicated threads, one hop per transaction."""
 
-    @event.listens_for(engine.sync_engine, "connect")
+    def __init__(self, url: URL) -> None:
+        self._engine = _sqlite_engine(url, pool_size=_SQLITE_READ_THREADS + 1)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="readmodel-write")
+        self._readers = ThreadPoolExecutor(_SQLITE_READ_THREADS, thread_name_prefix="readmodel-read")
+        # Each of those threads keeps one connection: a pool checkout per transaction costs more
+        # than most of our statements.
+        self._thread = threading.local()
+        self._connections: list[Connection] = []
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        return await _run_in(self._readers, functools.partial(self._read, work))
+
+    def _start_write(self, work: Callable[[Connection], T]) -> asyncio.Future[T]:
+        # Once the thread has it, the transaction runs to its end; cancelling only stops waiting.
+        return _run_in(self._writer, functools.partial(self._write, work))
+
+    async def dispose(self) -> None:
+        await asyncio.to_thread(self._close)
+
+    def _read(self, work: Callable[[Connection], T]) -> T:
+        with self._thread_connection(writer=False) as conn:
+            transaction = conn.begin()
+            try:
+                return work(conn)
+            finally:
+                transaction.rollback()
+
+    def _write(self, work: Callable[[Connection], T]) -> T:
+        with self._thread_connection(writer=True) as conn, conn.begin():
+            return work(conn)
+
+    @contextlib.contextmanager
+    def _thread_connection(self, *, writer: bool) -> Iterator[Connection]:
+        conn: Connection | None = getattr(self._thread, "connection", None)
+        if conn is None:
+            conn = self._engine.connect()
+            if writer:
+                # Read by the begin hook: every transaction of the writer thread takes the write lock up front.
+                conn.execution_options(**{_WRITE_OPTION: True})
+            self._thread.connection = conn
+            self._connections.append(conn)
+        try:
+            yield conn
+        except BaseException:
+            # The next transaction starts on a fresh connection, whatever state this one was left in.
+            del self._thread.connection
+            self._connections.remove(conn)
+            conn.close()
+            raise
+
+    def _close(self) -> None:
+        self._writer.shutdown()
+        self._readers.shutdown()
+        for conn in self._connections:
+            conn.close()
+        self._connections.clear()
+        self._engine.dispose()
+
+
+class PostgresDatabase(Database):
+    """PostgreSQL on asyncpg: the same synchronous work, run on the async connection by run_sync."""
+
+    def __init__(self, url: URL) -> None:
+        self._engine = _postgres_engine(url)
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        async with self._engine.connect() as conn:
+            return await conn.run_sync(work)
+
+    def _start_write(self, work: Callable[[Connection], T]) -> asyncio.Future[T]:
+        # In a task of its own: a cancellation of the caller cannot reach it mid-statement.
+        return asyncio.ensure_future(self._write(work))
+
+    async def _write(self, work: Callable[[Connection], T]) -> T:
+        async with self._engine.begin() as conn:
+            return await conn.run_sync(work)
+
+    async def dispose(self) -> None:
+        await self._engine.dispose()
+
+
+def _run_in(executor: Executor, call: Callable[[], T]) -> asyncio.Future[T]:
+    # The caller's context travels along, so log lines from the work keep its bound job_id.
+    context = contextvars.copy_context()
+    return asyncio.get_running_loop().run_in_executor(executor, context.run, call)
+
+
+def _sqlite_engine(url: URL, *, pool_size: int) -> Engine:
+    # Connections are made in our threads and closed by dispose in another.
+    engine = sqlalchemy.create_engine(url, pool_size=pool_size, connect_args={"check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
     def _configure(dbapi_connection: Any, _record: Any) -> None:
         # Take BEGIN out of the driver's hands (it only begins before DML, so a read-then-write
         # transaction would not be one); SQLAlchemy emits it in _begin below.
@@ -61,14 +201,14 @@ def _sqlite_engine(url: URL) -> AsyncEngine:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
         # A deferred transaction that reads and then writes fails with SQLITE_BUSY_SNAPSHOT (no
         # busy wait) when another process committed in between; writers take the lock up front.
-        if connection.get_execution_options().get(_WRITE_OPTION):
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            connection.exec_driver_sql("BEGIN")
+        # Straight to the driver: a statement through SQLAlchemy costs more than SQLite running it.
+        cursor = connection.connection.cursor()
+        cursor.execute("BEGIN IMMEDIATE" if connection.get_execution_options().get(_WRITE_OPTION) else "BEGIN")
+        cursor.close()
 
     return engine
 
@@ -91,69 +231,44 @@ def _postgres_engine(url: URL) -> AsyncEngine:
     )
 
 
-async def write(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-    """Run ``work`` in a write transaction that always ends in a commit or a rollback.
-
-    A cancellation arriving mid-statement would make SQLAlchemy close an aiosqlite connection
-    whose statement is still open: SQLite keeps such a "zombie" connection, and its write lock,
-    until it is garbage-collected, and every other writer (other processes too) waits on it.
-    So the transaction runs in its own task and a cancellation is delivered once it has ended.
-    Transactions here last milliseconds.
-    """
-
-    async def transaction() -> T:
-        async with engine.connect() as conn:
-            # Read by the SQLite "begin" hook: this transaction takes the write lock up front.
-            await conn.execution_options(**{_WRITE_OPTION: True})
-            async with conn.begin():
-                return await work(conn)
-
-    task = asyncio.ensure_future(transaction())
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait({task})
-        raise
-
-
-async def create_schema(engine: AsyncEngine) -> None:
+async def create_schema(database: Database) -> None:
     """Create the read-model tables that are missing (idempotent; safe from several processes)."""
-
-    async def create(conn: AsyncConnection) -> None:
-        await _lock_schema(conn)
-        await conn.run_sync(metadata.create_all)
-
-    await write(engine, create)
+    await database.write(_create_tables)
 
 
-async def reset_schema(engine: AsyncEngine) -> None:
+async def reset_schema(database: Database) -> None:
     """Drop and recreate the read-model tables in one transaction (readers never see them missing)."""
-
-    async def recreate(conn: AsyncConnection) -> None:
-        await _lock_schema(conn)
-        await conn.run_sync(lambda sync: metadata.drop_all(sync, tables=list(READ_MODEL_TABLES)))
-        await conn.run_sync(metadata.create_all)
-
-    await write(engine, recreate)
+    await database.write(_recreate_tables)
 
 
-async def _lock_schema(conn: AsyncConnection) -> None:
+def _create_tables(conn: Connection) -> None:
+    _lock_schema(conn)
+    metadata.create_all(conn)
+
+
+def _recreate_tables(conn: Connection) -> None:
+    _lock_schema(conn)
+    metadata.drop_all(conn, tables=list(READ_MODEL_TABLES))
+    metadata.create_all(conn)
+
+
+def _lock_schema(conn: Connection) -> None:
     # Two roles starting together would both find a table missing and race on CREATE TABLE.
     # SQLite is already serialised by BEGIN IMMEDIATE.
     if conn.dialect.name == "postgresql":
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
 
 
-async def upsert(conn: AsyncConnection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+def upsert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
     """Insert rows, replacing every non-key column of rows whose primary key already exists."""
     if rows:
-        await conn.execute(_upsert_statement(conn.dialect.name, table), list(rows))
+        conn.execute(_upsert_statement(conn.dialect.name, table), list(rows))
 
 
-async def insert_if_absent(conn: AsyncConnection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+def insert_if_absent(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
     """Insert rows whose primary key is not there yet; leave existing rows untouched."""
     if rows:
-        await conn.execute(_insert_if_absent_statement(conn.dialect.name, table), list(rows))
+        conn.execute(_insert_if_absent_statement(conn.dialect.name, table), list(rows))
 
 
 # Built once per dialect and table: constructing ON CONFLICT clauses costs more than running them.

@@ -6,13 +6,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import RowMapping, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Connection, RowMapping, bindparam, select
 
 from projector.apply import ImageState, queued_row
-from projector.database import insert_if_absent, write
+from projector.database import Database, insert_if_absent
 from projector.tables import images, jobs
 from schemas import GenerationParams, JobQueued, JobStatus
+
+# Statements built once: building one (and its cache key) per call costs more than SQLite running it.
+_JOB = select(jobs).where(jobs.c.id == bindparam("job_id"))
+_OWNED_JOB = _JOB.where(jobs.c.owner == bindparam("owner"))
+_LIVE_IMAGES_OF_JOB = (
+    select(images)
+    .where(images.c.job_id == bindparam("job_id"), images.c.state != ImageState.DELETED.value)
+    .order_by(images.c["index"])
+)
+_LIVE_IMAGE = select(images).where(images.c.id == bindparam("image_id"), images.c.state != ImageState.DELETED.value)
+_OWNED_LIVE_IMAGE = _LIVE_IMAGE.where(images.c.owner == bindparam("owner"))
 
 
 @dataclass(frozen=True)
@@ -58,35 +68,16 @@ class ReadModel:
     so the API answers 404 rather than revealing that the id exists.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+    def __init__(self, database: Database) -> None:
+        self._database = database
 
     async def get_job(self, job_id: str, owner: str | None) -> JobRecord | None:
         """The job with its images (by index, deleted ones left out), or None."""
-        query = select(jobs).where(jobs.c.id == job_id)
-        if owner is not None:
-            query = query.where(jobs.c.owner == owner)
-        image_query = (
-            select(images)
-            .where(images.c.job_id == job_id, images.c.state != ImageState.DELETED.value)
-            .order_by(images.c["index"])
-        )
-        # One connection and transaction: on SQLite the job and its images come from one snapshot.
-        async with self._engine.connect() as conn:
-            job = (await conn.execute(query)).mappings().first()
-            if job is None:
-                return None
-            image_rows = (await conn.execute(image_query)).mappings().all()
-        return _job_record(job, image_rows)
+        return await self._database.read(lambda conn: _select_job(conn, job_id, owner))
 
     async def get_image(self, image_id: str, owner: str | None) -> ImageRecord | None:
         """The image (available or expired), or None when absent, deleted or another owner's."""
-        query = select(images).where(images.c.id == image_id, images.c.state != ImageState.DELETED.value)
-        if owner is not None:
-            query = query.where(images.c.owner == owner)
-        async with self._engine.connect() as conn:
-            row = (await conn.execute(query)).mappings().first()
-        return None if row is None else _image_record(row)
+        return await self._database.read(lambda conn: _select_image(conn, image_id, owner))
 
     async def record_queued(self, event: JobQueued) -> None:
         """Write the row the projector will write for ``event``, unless it is already there.
@@ -96,7 +87,26 @@ class ReadModel:
         row stands. The projector's position is not touched; it applies the event as usual.
         """
         row = queued_row(event).to_columns()
-        await write(self._engine, lambda conn: insert_if_absent(conn, jobs, [row]))
+        await self._database.write(lambda conn: insert_if_absent(conn, jobs, [row]))
+
+
+def _select_job(conn: Connection, job_id: str, owner: str | None) -> JobRecord | None:
+    # One transaction: on SQLite the job and its images come from one snapshot.
+    if owner is None:
+        job = conn.execute(_JOB, {"job_id": job_id}).mappings().first()
+    else:
+        job = conn.execute(_OWNED_JOB, {"job_id": job_id, "owner": owner}).mappings().first()
+    if job is None:
+        return None
+    return _job_record(job, conn.execute(_LIVE_IMAGES_OF_JOB, {"job_id": job_id}).mappings().all())
+
+
+def _select_image(conn: Connection, image_id: str, owner: str | None) -> ImageRecord | None:
+    if owner is None:
+        row = conn.execute(_LIVE_IMAGE, {"image_id": image_id}).mappings().first()
+    else:
+        row = conn.execute(_OWNED_LIVE_IMAGE, {"image_id": image_id, "owner": owner}).mappings().first()
+    return None if row is None else _image_record(row)
 
 
 def _job_record(row: RowMapping, image_rows: Sequence[RowMapping]) -> JobRecord:

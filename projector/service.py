@@ -13,17 +13,27 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bus.base import Bus, LoggedEvent
 from projector.apply import ImageRow, JobRow, Projection, apply_event
-from projector.database import reset_schema, upsert, write
+from projector.database import Database, reset_schema, upsert
 from projector.tables import images, jobs, projector_positions
 from schemas import Event, ImageDeleted, ImageExpired, ImageStored
 
 log = structlog.get_logger(__name__)
+
+# Statements built once: building one (and its cache key) per call costs more than SQLite running it.
+_JOBS_BY_ID = select(jobs).where(jobs.c.id.in_(bindparam("ids", expanding=True)))
+_IMAGES_BY_ID = select(images).where(images.c.id.in_(bindparam("ids", expanding=True)))
+_POSITION = select(projector_positions.c.position).where(projector_positions.c.name == bindparam("projector"))
+_FIRST_POSITION = insert(projector_positions)
+_NEXT_POSITION = (
+    update(projector_positions)
+    .where(projector_positions.c.name == bindparam("projector"), projector_positions.c.position == bindparam("old"))
+    .values(position=bindparam("new"))
+)
 
 
 class ProjectorConflict(RuntimeError):
@@ -38,18 +48,17 @@ class _EndOfLog:
 class Projector:
     """Applies the event log to the read model, batch by batch, resuming where it left off."""
 
-    def __init__(self, engine: AsyncEngine, bus: Bus, *, name: str = "projector", batch_size: int = 100) -> None:
+    def __init__(self, database: Database, bus: Bus, *, name: str = "projector", batch_size: int = 100) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self._engine = engine
+        self._database = database
         self._bus = bus
         self._name = name
         self._batch_size = batch_size
 
     async def position(self) -> int | None:
         """The log position the read model reflects (None: nothing applied yet)."""
-        async with self._engine.connect() as conn:
-            return await _load_position(conn, self._name)
+        return await self._database.read(lambda conn: _load_position(conn, self._name))
 
     async def run(self, *, stop: asyncio.Event | None = None, idle_timeout_s: float | None = None) -> int:
         """Apply events until ``stop`` is set or, with ``idle_timeout_s``, the log stays idle that long.
@@ -109,58 +118,57 @@ class Projector:
 
     async def _apply(self, batch: Sequence[LoggedEvent], position: int | None) -> int:
         new_position = batch[-1].position
+        events = [logged.event for logged in batch]
 
-        async def transaction(conn: AsyncConnection) -> None:
+        def transaction(conn: Connection) -> None:
             # The position first: it takes the write lock, and detects a twin projector before any work.
-            await _advance_position(conn, self._name, position, new_position)
-            await apply_events(conn, [logged.event for logged in batch])
+            _advance_position(conn, self._name, position, new_position)
+            apply_events(conn, events)
 
-        await write(self._engine, transaction)
+        await self._database.write(transaction)
         log.debug("batch applied", name=self._name, events=len(batch), position=new_position)
         return new_position
 
 
-async def rebuild(engine: AsyncEngine, bus: Bus, *, name: str = "projector", idle_timeout_s: float = 1.0) -> int:
+async def rebuild(database: Database, bus: Bus, *, name: str = "projector", idle_timeout_s: float = 1.0) -> int:
     """Drop and recreate the read model, then replay the whole log into it. Returns events applied."""
-    await reset_schema(engine)
-    return await Projector(engine, bus, name=name).run(idle_timeout_s=idle_timeout_s)
+    await reset_schema(database)
+    return await Projector(database, bus, name=name).run(idle_timeout_s=idle_timeout_s)
 
 
-async def apply_events(conn: AsyncConnection, events: Sequence[Event]) -> None:
+def apply_events(conn: Connection, events: Sequence[Event]) -> None:
     """Load the rows ``events`` touch, fold the events in order, write back what changed."""
-    projection = await _load(conn, events)
+    projection = _load(conn, events)
     for event in events:
         apply_event(projection, event)
-    await upsert(conn, jobs, [projection.jobs[key].to_columns() for key in sorted(projection.changed_jobs)])
-    await upsert(conn, images, [projection.images[key].to_columns() for key in sorted(projection.changed_images)])
+    upsert(conn, jobs, [projection.jobs[key].to_columns() for key in sorted(projection.changed_jobs)])
+    upsert(conn, images, [projection.images[key].to_columns() for key in sorted(projection.changed_images)])
 
 
-async def _load(conn: AsyncConnection, events: Sequence[Event]) -> Projection:
+def _load(conn: Connection, events: Sequence[Event]) -> Projection:
     job_ids = {event.job_id for event in events}
     image_ids = {event.image_id for event in events if isinstance(event, ImageStored | ImageExpired | ImageDeleted)}
     projection = Projection()
-    rows = await conn.execute(select(jobs).where(jobs.c.id.in_(job_ids)))
+    rows = conn.execute(_JOBS_BY_ID, {"ids": list(job_ids)})
     projection.jobs = {row.id: JobRow.from_columns(row._mapping) for row in rows}
     if image_ids:
-        rows = await conn.execute(select(images).where(images.c.id.in_(image_ids)))
+        rows = conn.execute(_IMAGES_BY_ID, {"ids": list(image_ids)})
         projection.images = {row.id: ImageRow.from_columns(row._mapping) for row in rows}
     return projection
 
 
-async def _load_position(conn: AsyncConnection, name: str) -> int | None:
-    query = select(projector_positions.c.position).where(projector_positions.c.name == name)
-    return (await conn.execute(query)).scalar_one_or_none()
+def _load_position(conn: Connection, name: str) -> int | None:
+    return conn.execute(_POSITION, {"projector": name}).scalar_one_or_none()
 
 
-async def _advance_position(conn: AsyncConnection, name: str, old: int | None, new: int) -> None:
-    table = projector_positions
+def _advance_position(conn: Connection, name: str, old: int | None, new: int) -> None:
     if old is None:
         try:
-            await conn.execute(insert(table).values(name=name, position=new))
+            conn.execute(_FIRST_POSITION, {"name": name, "position": new})
         except IntegrityError as error:
             raise ProjectorConflict(f"projector {name!r} already has a position") from error
         return
-    moved = await conn.execute(update(table).where(table.c.name == name, table.c.position == old).values(position=new))
+    moved = conn.execute(_NEXT_POSITION, {"projector": name, "old": old, "new": new})
     if moved.rowcount != 1:
         raise ProjectorConflict(f"projector {name!r} is no longer at position {old}")
 

@@ -22,7 +22,7 @@ from bus import Bus, BusOptions, connect_bus
 from imagebus.catalog import load_catalog
 from ingress.app import create_app
 from ingress.config import IngressConfig
-from projector.database import create_engine, create_schema
+from projector.database import create_database, create_schema
 from projector.service import Projector
 from schemas import Catalog, Event
 from storage.object_store import ObjectStore, S3Config
@@ -81,8 +81,8 @@ async def running_stack(
 ) -> AsyncIterator[Stack]:
     catalog = load_catalog()
     options = BusOptions(namespace=f"t{uuid.uuid4().hex[:10]}", ack_wait_s=ack_wait_s, max_deliveries=3)
-    engine = create_engine(database_url)
-    await create_schema(engine)
+    database = create_database(database_url)
+    await create_schema(database)
     store = ObjectStore(s3)
     await store.ensure_bucket()
     app = create_app(
@@ -106,7 +106,7 @@ async def running_stack(
         return bus
 
     try:
-        tasks.append(asyncio.create_task(Projector(engine, await connect()).run(stop=stop)))
+        tasks.append(asyncio.create_task(Projector(database, await connect()).run(stop=stop)))
         for index in range(workers):
             worker = Worker(
                 await connect(),
@@ -123,7 +123,7 @@ async def running_stack(
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
         for bus in buses:
             await bus.close()
-        await engine.dispose()
+        await database.dispose()
 
 
 async def fetch(url: str) -> httpx.Response:

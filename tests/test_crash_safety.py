@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from bus import BusOptions, connect_bus
 from imagebus.process import ManagedProcess
-from projector.database import create_engine, create_schema
+from projector.database import create_database, create_schema
 from projector.tables import images, jobs, projector_positions
 from schemas import (
     GenerationParams,
@@ -136,34 +136,36 @@ def _job_events(rng: random.Random) -> list[Any]:
     return events
 
 
+def _select_rows(conn: sa.Connection) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    job_rows = conn.execute(sa.select(jobs).order_by(jobs.c.id)).mappings().all()
+    image_rows = conn.execute(sa.select(images).order_by(images.c.id)).mappings().all()
+    return [dict(r) for r in job_rows], [dict(r) for r in image_rows]
+
+
 async def _table_rows(url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    engine = create_engine(url)
+    database = create_database(url)
     try:
-        async with engine.connect() as conn:
-            job_rows = (await conn.execute(sa.select(jobs).order_by(jobs.c.id))).mappings().all()
-            image_rows = (await conn.execute(sa.select(images).order_by(images.c.id))).mappings().all()
-        return [dict(r) for r in job_rows], [dict(r) for r in image_rows]
+        return await database.read(_select_rows)
     finally:
-        await engine.dispose()
+        await database.dispose()
 
 
 async def _position(url: str) -> int:
-    engine = create_engine(url)
+    database = create_database(url)
     try:
-        async with engine.connect() as conn:
-            value = await conn.scalar(sa.select(projector_positions.c.position))
+        value = await database.read(lambda conn: conn.scalar(sa.select(projector_positions.c.position)))
         return int(value or 0)
     finally:
-        await engine.dispose()
+        await database.dispose()
 
 
 async def test_projector_killed_at_random_points_equals_rebuild(
     nats_url: str, new_database_url: NewDatabaseUrl, tmp_path: Path
 ) -> None:
     database_url = await new_database_url()
-    engine = create_engine(database_url)
-    await create_schema(engine)
-    await engine.dispose()
+    database = create_database(database_url)
+    await create_schema(database)
+    await database.dispose()
     rng = random.Random(7)
     options = BusOptions(namespace=f"t{uuid.uuid4().hex[:10]}")
     bus = await connect_bus(nats_url, options)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -16,12 +17,11 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import Connection, select, text
 
 from bus import Bus, connect_bus
 from projector.apply import ImageState, Projection, apply_event, queued_row
-from projector.database import create_engine, create_schema, write
+from projector.database import Database, create_database, create_schema, insert_if_absent
 from projector.readside import ReadModel
 from projector.service import Projector, apply_events, rebuild
 from projector.tables import images, jobs
@@ -167,15 +167,18 @@ def expected_rows(events: Sequence[Event]) -> Rows:
     )
 
 
-async def table_rows(engine: AsyncEngine) -> Rows:
-    async with engine.connect() as conn:
-        job_rows = (await conn.execute(select(jobs).order_by(jobs.c.id))).mappings().all()
-        image_rows = (await conn.execute(select(images).order_by(images.c.id))).mappings().all()
+def select_rows(conn: Connection) -> Rows:
+    job_rows = conn.execute(select(jobs).order_by(jobs.c.id)).mappings().all()
+    image_rows = conn.execute(select(images).order_by(images.c.id)).mappings().all()
     return [dict(row) for row in job_rows], [dict(row) for row in image_rows]
 
 
-async def apply_in_transaction(engine: AsyncEngine, events: Sequence[Event]) -> None:
-    await write(engine, lambda conn: apply_events(conn, events))
+async def table_rows(database: Database) -> Rows:
+    return await database.read(select_rows)
+
+
+async def apply_in_transaction(database: Database, events: Sequence[Event]) -> None:
+    await database.write(lambda conn: apply_events(conn, events))
 
 
 async def new_bus() -> Bus:
@@ -350,31 +353,31 @@ def test_replaying_a_whole_log_changes_nothing() -> None:
 # --- the read model on each database ------------------------------------------------------------
 
 
-async def test_batches_of_any_size_give_the_rows_of_the_fold(engine: AsyncEngine) -> None:
+async def test_batches_of_any_size_give_the_rows_of_the_fold(database: Database) -> None:
     rng = random.Random(5)
     log = event_log(rng, 10)
     cut = 0
     while cut < len(log):
         size = rng.choice([1, 2, 7, 30])
-        await apply_in_transaction(engine, log[cut : cut + size])
+        await apply_in_transaction(database, log[cut : cut + size])
         cut += size
-    assert await table_rows(engine) == expected_rows(log)
+    assert await table_rows(database) == expected_rows(log)
 
 
-async def test_reapplying_an_applied_batch_changes_nothing(engine: AsyncEngine) -> None:
+async def test_reapplying_an_applied_batch_changes_nothing(database: Database) -> None:
     log = event_log(random.Random(8), 8)
-    await apply_in_transaction(engine, log)
-    before = await table_rows(engine)
-    await apply_in_transaction(engine, log)
-    await apply_in_transaction(engine, log[-10:])
-    assert await table_rows(engine) == before == expected_rows(log)
+    await apply_in_transaction(database, log)
+    before = await table_rows(database)
+    await apply_in_transaction(database, log)
+    await apply_in_transaction(database, log[-10:])
+    assert await table_rows(database) == before == expected_rows(log)
 
 
-async def test_timestamps_round_trip_as_aware_utc(engine: AsyncEngine) -> None:
+async def test_timestamps_round_trip_as_aware_utc(database: Database) -> None:
     plus_two = timezone(timedelta(hours=2))
     event = queued().model_copy(update={"occurred_at": at(0).astimezone(plus_two)})
-    await apply_in_transaction(engine, [event, stored(t=3)])
-    record = await ReadModel(engine).get_job("j1", "alice")
+    await apply_in_transaction(database, [event, stored(t=3)])
+    record = await ReadModel(database).get_job("j1", "alice")
     assert record is not None
     for value in (record.created_at, record.updated_at, record.images[0].created_at, record.images[0].expires_at):
         assert value.tzinfo is not None and value.utcoffset() == timedelta(0)
@@ -382,12 +385,12 @@ async def test_timestamps_round_trip_as_aware_utc(engine: AsyncEngine) -> None:
     assert record.images[0].expires_at == at(603)
 
 
-async def test_get_job_returns_the_job_with_its_live_images_in_order(engine: AsyncEngine) -> None:
+async def test_get_job_returns_the_job_with_its_live_images_in_order(database: Database) -> None:
     events: list[Event] = [queued(n=3), started()]
     events += [stored(index=i, t=3 + (2 - i)) for i in (2, 1, 0)]
     events += [succeeded(n=3, t=9), deleted(index=1, t=20), expired(index=2, t=700)]
-    await apply_in_transaction(engine, events)
-    record = await ReadModel(engine).get_job("j1", "alice")
+    await apply_in_transaction(database, events)
+    record = await ReadModel(database).get_job("j1", "alice")
     assert record is not None
     assert (record.status, record.step, record.attempt, record.completed_at) == (JobStatus.COMPLETED, 4, 1, at(9))
     assert record.params == queued(n=3).params
@@ -395,9 +398,11 @@ async def test_get_job_returns_the_job_with_its_live_images_in_order(engine: Asy
     assert record.images[0].seed == 2**40 + 7
 
 
-async def test_each_owner_sees_only_their_own(engine: AsyncEngine) -> None:
-    await apply_in_transaction(engine, [queued(owner="alice"), started(), stored(), stored(index=1), deleted(index=1)])
-    read = ReadModel(engine)
+async def test_each_owner_sees_only_their_own(database: Database) -> None:
+    await apply_in_transaction(
+        database, [queued(owner="alice"), started(), stored(), stored(index=1), deleted(index=1)]
+    )
+    read = ReadModel(database)
     image_id = image_id_for("j1", 0)
     assert await read.get_job("j1", "bob") is None
     assert await read.get_image(image_id, "bob") is None
@@ -410,64 +415,104 @@ async def test_each_owner_sees_only_their_own(engine: AsyncEngine) -> None:
     assert await read.get_image(image_id_for("j1", 1), None) is None
 
 
-async def test_record_queued_writes_the_projectors_row_once(engine: AsyncEngine) -> None:
-    read = ReadModel(engine)
+async def test_record_queued_writes_the_projectors_row_once(database: Database) -> None:
+    read = ReadModel(database)
     event = queued()
     await read.record_queued(event)
     await read.record_queued(event)
-    assert await table_rows(engine) == ([queued_row(event).to_columns()], [])
-    await apply_in_transaction(engine, [event])
-    assert await table_rows(engine) == expected_rows([event])
+    assert await table_rows(database) == ([queued_row(event).to_columns()], [])
+    await apply_in_transaction(database, [event])
+    assert await table_rows(database) == expected_rows([event])
 
 
-async def test_record_queued_after_the_projector_moved_on_changes_nothing(engine: AsyncEngine) -> None:
+async def test_record_queued_after_the_projector_moved_on_changes_nothing(database: Database) -> None:
     events: list[Event] = [queued(), started(), progress(step=2)]
-    await apply_in_transaction(engine, events)
-    await ReadModel(engine).record_queued(queued())
-    assert await table_rows(engine) == expected_rows(events)
+    await apply_in_transaction(database, events)
+    await ReadModel(database).record_queued(queued())
+    assert await table_rows(database) == expected_rows(events)
 
 
-async def test_create_schema_is_idempotent(engine: AsyncEngine) -> None:
-    await apply_in_transaction(engine, [queued()])
-    await create_schema(engine)
-    assert len((await table_rows(engine))[0]) == 1
+async def test_create_schema_is_idempotent(database: Database) -> None:
+    await apply_in_transaction(database, [queued()])
+    await create_schema(database)
+    assert len((await table_rows(database))[0]) == 1
+
+
+async def test_a_failed_write_leaves_nothing_and_the_next_one_commits(database: Database) -> None:
+    def insert_then_fail(conn: Connection) -> None:
+        insert_if_absent(conn, jobs, [queued_row(queued("j1")).to_columns()])
+        raise RuntimeError("midway")
+
+    with pytest.raises(RuntimeError, match="midway"):
+        await database.write(insert_then_fail)
+    await ReadModel(database).record_queued(queued("j2"))
+    assert [row["id"] for row in (await table_rows(database))[0]] == ["j2"]
+
+
+async def test_a_cancelled_write_ends_and_leaves_the_database_writable(database: Database, database_url: str) -> None:
+    """A write cancelled mid-transaction ends before its caller sees the cancellation, holding no lock."""
+    inside = threading.Event()
+
+    def slow_insert(conn: Connection) -> None:
+        insert_if_absent(conn, jobs, [queued_row(queued("j1")).to_columns()])
+        inside.set()
+        # Keep the transaction (and on SQLite the write lock) open, without blocking the event loop.
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_sleep(0.2)"))
+        else:
+            time.sleep(0.2)
+
+    task = asyncio.create_task(database.write(slow_insert))
+    assert await asyncio.to_thread(inside.wait, 5)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done(), "the cancelled caller went on while its transaction was still open"
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Another process's writer gets the lock at once (a zombie would hold it for the busy timeout).
+    other = create_database(database_url)
+    try:
+        await asyncio.wait_for(ReadModel(other).record_queued(queued("j2")), timeout=2)
+    finally:
+        await other.dispose()
+    assert [row["id"] for row in (await table_rows(database))[0]] == ["j1", "j2"]
 
 
 # --- the projector over a bus ---------------------------------------------------------------------
 
 
-async def test_projector_applies_the_log_and_resumes_after_its_position(engine: AsyncEngine) -> None:
+async def test_projector_applies_the_log_and_resumes_after_its_position(database: Database) -> None:
     bus = await new_bus()
     log = event_log(random.Random(1), 10)
     await publish(bus, log[:40])
-    projector = Projector(engine, bus, batch_size=16)
+    projector = Projector(database, bus, batch_size=16)
     assert await projector.run(idle_timeout_s=IDLE_S) == 40
     assert await projector.position() == 40
-    assert await table_rows(engine) == expected_rows(log[:40])
+    assert await table_rows(database) == expected_rows(log[:40])
     assert await projector.run(idle_timeout_s=IDLE_S) == 0
     await publish(bus, log[40:])
-    assert await Projector(engine, bus).run(idle_timeout_s=IDLE_S) == len(log) - 40
-    assert await table_rows(engine) == expected_rows(log)
+    assert await Projector(database, bus).run(idle_timeout_s=IDLE_S) == len(log) - 40
+    assert await table_rows(database) == expected_rows(log)
 
 
-async def test_read_your_writes_then_the_projector_gives_one_row(engine: AsyncEngine) -> None:
+async def test_read_your_writes_then_the_projector_gives_one_row(database: Database) -> None:
     bus = await new_bus()
-    read = ReadModel(engine)
+    read = ReadModel(database)
     event = queued()
     await bus.publish_event(event)
     await read.record_queued(event)
-    projector = Projector(engine, bus)
+    projector = Projector(database, bus)
     assert await projector.position() is None  # record_queued leaves the stream position alone
     await publish(bus, [started(), progress(step=1)])
     assert await projector.run(idle_timeout_s=IDLE_S) == 3
-    assert await table_rows(engine) == expected_rows([event, started(), progress(step=1)])
+    assert await table_rows(database) == expected_rows([event, started(), progress(step=1)])
 
 
-async def test_a_lone_event_is_applied_at_once_and_stop_returns_promptly(engine: AsyncEngine) -> None:
+async def test_a_lone_event_is_applied_at_once_and_stop_returns_promptly(database: Database) -> None:
     bus = await new_bus()
-    read = ReadModel(engine)
+    read = ReadModel(database)
     stop = asyncio.Event()
-    task = asyncio.create_task(Projector(engine, bus).run(stop=stop))
+    task = asyncio.create_task(Projector(database, bus).run(stop=stop))
     await asyncio.sleep(0.05)
     await bus.publish_event(queued())
     published = time.perf_counter()
@@ -479,7 +524,7 @@ async def test_a_lone_event_is_applied_at_once_and_stop_returns_promptly(engine:
 
 
 async def test_an_interrupted_projector_ends_where_a_rebuild_does(
-    engine: AsyncEngine, new_database_url: NewDatabaseUrl
+    database: Database, new_database_url: NewDatabaseUrl
 ) -> None:
     """Stopped or cancelled at random points, its rows always match its position, and in the end a rebuild."""
     rng = random.Random(11)
@@ -490,7 +535,7 @@ async def test_an_interrupted_projector_ends_where_a_rebuild_does(
         more = rng.randint(0, 40)
         await publish(bus, log[published : published + more])
         published += more
-        projector = Projector(engine, bus, batch_size=rng.choice([1, 3, 10, 100]))
+        projector = Projector(database, bus, batch_size=rng.choice([1, 3, 10, 100]))
         stop = asyncio.Event()
         task = asyncio.create_task(projector.run(stop=stop))
         await asyncio.sleep(rng.uniform(0, 0.03))
@@ -500,40 +545,40 @@ async def test_an_interrupted_projector_ends_where_a_rebuild_does(
             stop.set()
         await asyncio.gather(task, return_exceptions=True)
         position = await projector.position() or 0
-        assert await table_rows(engine) == expected_rows(log[:position])
+        assert await table_rows(database) == expected_rows(log[:position])
     await publish(bus, log[published:])
-    await Projector(engine, bus).run(idle_timeout_s=IDLE_S)
+    await Projector(database, bus).run(idle_timeout_s=IDLE_S)
 
-    fresh = create_engine(await new_database_url())
+    fresh = create_database(await new_database_url())
     try:
         assert await rebuild(fresh, bus, idle_timeout_s=IDLE_S) == len(log)
-        assert await table_rows(engine) == await table_rows(fresh) == expected_rows(log)
+        assert await table_rows(database) == await table_rows(fresh) == expected_rows(log)
     finally:
         await fresh.dispose()
 
 
-async def test_rebuild_replaces_a_damaged_read_model(engine: AsyncEngine) -> None:
+async def test_rebuild_replaces_a_damaged_read_model(database: Database) -> None:
     bus = await new_bus()
     log = event_log(random.Random(2), 5)
     await publish(bus, log)
-    await Projector(engine, bus).run(idle_timeout_s=IDLE_S)
+    await Projector(database, bus).run(idle_timeout_s=IDLE_S)
 
-    async def damage(conn: AsyncConnection) -> None:
-        await conn.execute(jobs.update().values(status="failed", error="bit rot"))
-        await conn.execute(images.delete())
+    def damage(conn: Connection) -> None:
+        conn.execute(jobs.update().values(status="failed", error="bit rot"))
+        conn.execute(images.delete())
 
-    await write(engine, damage)
-    assert await rebuild(engine, bus, idle_timeout_s=IDLE_S) == len(log)
-    assert await table_rows(engine) == expected_rows(log)
+    await database.write(damage)
+    assert await rebuild(database, bus, idle_timeout_s=IDLE_S) == len(log)
+    assert await table_rows(database) == expected_rows(log)
 
 
-async def test_ingress_and_projector_write_concurrently(engine: AsyncEngine, database_url: str) -> None:
-    """Two engines, as two processes would have: read-your-writes inserts race the projector's batches."""
+async def test_ingress_and_projector_write_concurrently(database: Database, database_url: str) -> None:
+    """Two databases, as two processes would have: read-your-writes inserts race the projector's batches."""
     bus = await new_bus()
     log = event_log(random.Random(4), 30)
-    ingress = create_engine(database_url)
+    ingress = create_database(database_url)
     stop = asyncio.Event()
-    task = asyncio.create_task(Projector(engine, bus, batch_size=5).run(stop=stop))
+    task = asyncio.create_task(Projector(database, bus, batch_size=5).run(stop=stop))
     try:
         read = ReadModel(ingress)
         for event in log:
@@ -541,11 +586,11 @@ async def test_ingress_and_projector_write_concurrently(engine: AsyncEngine, dat
             if isinstance(event, JobQueued):
                 await read.record_queued(event)
                 assert await read.get_job(event.job_id, event.owner) is not None
-        while await Projector(engine, bus).position() != len(log):
+        while await Projector(database, bus).position() != len(log):
             assert not task.done(), task
             await asyncio.sleep(0.01)
     finally:
         stop.set()
         await task
         await ingress.dispose()
-    assert await table_rows(engine) == expected_rows(log)
+    assert await table_rows(database) == expected_rows(log)
