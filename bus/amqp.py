@@ -34,6 +34,7 @@ from aio_pika.exceptions import ChannelNotFoundEntity
 
 from bus._amqp_topology import declare_command_queue, declare_events_log, declare_topology
 from bus._decoding import decoded_or_none
+from bus._delivery import SettleOnce
 from bus._names import AmqpNames, checked_token
 from bus.base import BusOptions, CommandDelivery, LoggedEvent
 from schemas import CancelJob, Event, GenerateImage, Message, decode_command, decode_control, decode_event, encode
@@ -42,12 +43,12 @@ from schemas import CancelJob, Event, GenerateImage, Message, decode_command, de
 _EVENT_PREFETCH = 200
 
 
-class _AmqpDelivery:
+class _AmqpDelivery(SettleOnce):
     def __init__(self, message: AbstractIncomingMessage, command: GenerateImage, delays: set[asyncio.Task[None]]):
         self._message = message
         self._command = command
         self._delays = delays
-        self.settled = False
+        super().__init__()
 
     @property
     def command(self) -> GenerateImage:
@@ -77,8 +78,7 @@ class _AmqpDelivery:
 
     async def in_progress(self) -> None:
         # Nothing to extend: RabbitMQ redelivers on channel loss, not on a timer.
-        if self.settled:
-            raise RuntimeError("in_progress() on a settled delivery")
+        self._require_unsettled()
 
     async def term(self) -> None:
         self._settle()
@@ -88,11 +88,6 @@ class _AmqpDelivery:
         await asyncio.sleep(delay_s)
         with suppress(Exception):  # channel gone: the broker has requeued it already
             await self._message.reject(requeue=True)
-
-    def _settle(self) -> None:
-        if self.settled:
-            raise RuntimeError("delivery already settled")
-        self.settled = True
 
 
 class AmqpBus:

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
+from bus._delivery import SettleOnce
 from bus._memory_state import Broker, Entry, EventWatcher, WorkQueue
 from bus._names import checked_token
 from bus.base import BusOptions, CommandDelivery, LoggedEvent
@@ -22,13 +23,13 @@ from schemas import CancelJob, Event, GenerateImage
 _BROKERS: dict[tuple[str, str], Broker] = {}
 
 
-class _MemoryDelivery:
+class _MemoryDelivery(SettleOnce):
     def __init__(self, queue: WorkQueue, entry: Entry, ack_wait_s: float) -> None:
         self._queue = queue
         self._entry = entry
         self._ack_wait_s = ack_wait_s
         self._attempt = entry.deliveries
-        self.settled = False
+        super().__init__()
 
     @property
     def command(self) -> GenerateImage:
@@ -47,8 +48,7 @@ class _MemoryDelivery:
         self.hand_back(delay_s)
 
     async def in_progress(self) -> None:
-        if self.settled:
-            raise RuntimeError("in_progress() on a settled delivery")
+        self._require_unsettled()
         if self._entry.holder is self:
             self._entry.deadline = time.monotonic() + self._ack_wait_s
 
@@ -61,11 +61,6 @@ class _MemoryDelivery:
         # A delivery whose ack wait already ran out no longer holds the command.
         if self._entry.holder is self:
             self._queue.hand_back(self._entry, delay_s)
-
-    def _settle(self) -> None:
-        if self.settled:
-            raise RuntimeError("delivery already settled")
-        self.settled = True
 
 
 class MemoryBus:

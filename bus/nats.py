@@ -18,6 +18,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 
 from bus._decoding import decoded_or_none
+from bus._delivery import SettleOnce
 from bus._names import NatsNames, checked_token
 from bus._nats_pull import EventReader, pull_one, unsubscribe
 from bus.base import BusOptions, CommandDelivery, LoggedEvent
@@ -33,12 +34,12 @@ _MAX_ACK_PENDING = 10_000
 _STREAM_NAME_IN_USE = 10058
 
 
-class _NatsDelivery:
+class _NatsDelivery(SettleOnce):
     def __init__(self, msg: Msg, command: GenerateImage, nc: Client) -> None:
         self._msg = msg
         self._command = command
         self._nc = nc
-        self.settled = False
+        super().__init__()
 
     @property
     def command(self) -> GenerateImage:
@@ -60,8 +61,7 @@ class _NatsDelivery:
         await self._nc.flush()
 
     async def in_progress(self) -> None:
-        if self.settled:
-            raise RuntimeError("in_progress() on a settled delivery")
+        self._require_unsettled()
         await self._msg.in_progress()
 
     async def term(self) -> None:
@@ -70,11 +70,6 @@ class _NatsDelivery:
         self._settle()
         await self._msg.term()
         await self._nc.flush()
-
-    def _settle(self) -> None:
-        if self.settled:
-            raise RuntimeError("delivery already settled")
-        self.settled = True
 
 
 class NatsBus:

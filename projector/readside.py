@@ -8,7 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection, RowMapping, bindparam, select
 
-from projector.apply import ImageState, queued_row
+from projector.apply import ImageRow, ImageState, queued_row
 from projector.database import Database, insert_if_absent
 from projector.tables import images, jobs
 from schemas import GenerationParams, JobQueued, JobStatus
@@ -25,21 +25,8 @@ _LIVE_IMAGE = select(images).where(images.c.id == bindparam("image_id"), images.
 _OWNED_LIVE_IMAGE = _LIVE_IMAGE.where(images.c.owner == bindparam("owner"))
 
 
-@dataclass(frozen=True)
-class ImageRecord:
-    id: str
-    job_id: str
-    owner: str
-    index: int
-    object_key: str
-    content_type: str
-    width: int
-    height: int
-    size_bytes: int
-    seed: int | None
-    created_at: datetime
-    expires_at: datetime
-    state: str  # "available" | "expired" | "deleted"
+# The read side hands out the projector's own image rows (state is an ImageState, a str enum).
+ImageRecord = ImageRow
 
 
 @dataclass(frozen=True)
@@ -130,18 +117,4 @@ def _job_record(row: RowMapping, image_rows: Sequence[RowMapping]) -> JobRecord:
 
 
 def _image_record(row: RowMapping) -> ImageRecord:
-    return ImageRecord(
-        id=row["id"],
-        job_id=row["job_id"],
-        owner=row["owner"],
-        index=row["index"],
-        object_key=row["object_key"],
-        content_type=row["content_type"],
-        width=row["width"],
-        height=row["height"],
-        size_bytes=row["size_bytes"],
-        seed=row["seed"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        state=row["state"],
-    )
+    return ImageRow.from_columns(row)

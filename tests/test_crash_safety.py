@@ -56,14 +56,14 @@ def _env(bus_url: str, options: BusOptions, s3: S3Config) -> dict[str, str]:
 
 @pytest.mark.parametrize("broker", ["nats", "amqp"])
 async def test_worker_killed_mid_job_is_redelivered_and_completes_once(
-    broker: str, request: pytest.FixtureRequest, s3_config: S3Config, tiny_backend: Backend, tmp_path: Path
+    broker: str, request: pytest.FixtureRequest, storage_config: S3Config, tiny_backend: Backend, tmp_path: Path
 ) -> None:
     bus_url = str(request.getfixturevalue(f"{broker}_url"))
     # The in-process stack runs no worker here: the workers are real processes we can kill.
     async with running_stack(
-        bus_url, s3_config, f"sqlite:///{tmp_path}/rm.db", tiny_backend, workers=0, ack_wait_s=2.0
+        bus_url, storage_config, f"sqlite:///{tmp_path}/rm.db", tiny_backend, workers=0, ack_wait_s=2.0
     ) as stack:
-        env = _env(bus_url, stack.options, s3_config)
+        env = _env(bus_url, stack.options, storage_config)
         first = _role("worker-1", ["worker"], {**env, "IMAGEBUS_WORKER_WORKER_ID": "w1"}, tmp_path)
         second: ManagedProcess | None = None
         try:

@@ -24,9 +24,9 @@ def stack_bus_url(request: pytest.FixtureRequest) -> str:
 
 
 async def test_job_completes_with_images_and_progress(
-    stack_bus_url: str, s3_config: S3Config, database_url: str, tiny_backend: Backend
+    stack_bus_url: str, storage_config: S3Config, database_url: str, tiny_backend: Backend
 ) -> None:
-    async with running_stack(stack_bus_url, s3_config, database_url, tiny_backend) as stack:
+    async with running_stack(stack_bus_url, storage_config, database_url, tiny_backend) as stack:
         response = await stack.client.post("/api/generate", json=FOX, headers=auth())
         assert response.status_code == 202, response.text
         accepted = response.json()
@@ -69,8 +69,8 @@ async def test_job_completes_with_images_and_progress(
         assert sum(isinstance(e, JobSucceeded) for e in events) == 1
 
 
-async def test_another_key_sees_nothing(s3_config: S3Config, tiny_backend: Backend, tmp_path: Any) -> None:
-    async with running_stack("memory://owners", s3_config, f"sqlite:///{tmp_path}/rm.db", tiny_backend) as stack:
+async def test_another_key_sees_nothing(storage_config: S3Config, tiny_backend: Backend, tmp_path: Any) -> None:
+    async with running_stack("memory://owners", storage_config, f"sqlite:///{tmp_path}/rm.db", tiny_backend) as stack:
         job_id = (await stack.client.post("/api/generate", json=FOX, headers=auth())).json()["job_id"]
         job = await stack.wait_for_status(job_id, {"completed"})
         other = await stack.client.get(f"/api/jobs/{job_id}", headers=auth(KEY_BOB))

@@ -12,9 +12,9 @@ from tests.stack import auth, fetch, running_stack
 from workers.backends.base import Backend
 
 
-async def test_image_unreachable_after_expiry(s3_config: S3Config, tiny_backend: Backend, tmp_path: Any) -> None:
+async def test_image_unreachable_after_expiry(storage_config: S3Config, tiny_backend: Backend, tmp_path: Any) -> None:
     async with running_stack(
-        "memory://expiry", s3_config, f"sqlite:///{tmp_path}/rm.db", tiny_backend, image_ttl_s=3.0
+        "memory://expiry", storage_config, f"sqlite:///{tmp_path}/rm.db", tiny_backend, image_ttl_s=3.0
     ) as stack:
         body = {"prompt": "short lived", "width": 64, "height": 64, "num_inference_steps": 2}
         job_id = (await stack.client.post("/api/generate", json=body, headers=auth())).json()["job_id"]

@@ -28,9 +28,11 @@ BAD_BODIES: list[tuple[str, Any, int, str]] = [
 
 
 async def test_bad_input_is_rejected_and_nothing_published(
-    s3_config: S3Config, tiny_backend: Backend, tmp_path: Any
+    storage_config: S3Config, tiny_backend: Backend, tmp_path: Any
 ) -> None:
-    async with running_stack("memory://validation", s3_config, f"sqlite:///{tmp_path}/rm.db", tiny_backend) as stack:
+    async with running_stack(
+        "memory://validation", storage_config, f"sqlite:///{tmp_path}/rm.db", tiny_backend
+    ) as stack:
         for name, body, code, mention in BAD_BODIES:
             response = await stack.client.post("/api/generate", json=body, headers=auth())
             assert response.status_code == code, (name, response.text)
@@ -62,8 +64,8 @@ async def test_bad_input_is_rejected_and_nothing_published(
 
 
 @pytest.mark.parametrize("path", ["/health", "/docs", "/docs/openapi.json"])
-async def test_health_and_docs(s3_config: S3Config, tiny_backend: Backend, tmp_path: Any, path: str) -> None:
-    async with running_stack("memory://docs", s3_config, f"sqlite:///{tmp_path}/rm.db", tiny_backend) as stack:
+async def test_health_and_docs(storage_config: S3Config, tiny_backend: Backend, tmp_path: Any, path: str) -> None:
+    async with running_stack("memory://docs", storage_config, f"sqlite:///{tmp_path}/rm.db", tiny_backend) as stack:
         response = await stack.client.get(path)
         assert response.status_code == 200
         if path == "/docs/openapi.json":
