@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, RowMapping, bindparam, select
+from sqlalchemy import Connection, RowMapping, bindparam, func, select
 
 from projector.apply import ImageRow, ImageState, queued_row
 from projector.database import Database, insert_if_absent
@@ -66,6 +66,12 @@ class ReadModel:
         """The image (available or expired), or None when absent, deleted or another owner's."""
         return await self._database.read(lambda conn: _select_image(conn, image_id, owner))
 
+    async def list_jobs(
+        self, owner: str, *, status: JobStatus | None = None, offset: int = 0, limit: int = 20
+    ) -> tuple[list[JobRecord], int]:
+        """The owner's jobs, newest first, one page of them, and how many there are in all."""
+        return await self._database.read(lambda conn: _select_jobs(conn, owner, status, offset, limit))
+
     async def record_queued(self, event: JobQueued) -> None:
         """Write the row the projector will write for ``event``, unless it is already there.
 
@@ -86,6 +92,32 @@ def _select_job(conn: Connection, job_id: str, owner: str | None) -> JobRecord |
     if job is None:
         return None
     return _job_record(job, conn.execute(_LIVE_IMAGES_OF_JOB, {"job_id": job_id}).mappings().all())
+
+
+def _select_jobs(
+    conn: Connection, owner: str, status: JobStatus | None, offset: int, limit: int
+) -> tuple[list[JobRecord], int]:
+    condition = jobs.c.owner == owner
+    if status is not None:
+        condition = condition & (jobs.c.status == status.value)
+    total = conn.execute(select(func.count()).select_from(jobs).where(condition)).scalar_one()
+    page = (
+        conn.execute(
+            select(jobs).where(condition).order_by(jobs.c.created_at.desc(), jobs.c.id).offset(offset).limit(limit)
+        )
+        .mappings()
+        .all()
+    )
+    image_rows: dict[str, list[RowMapping]] = {row["id"]: [] for row in page}
+    if page:
+        live = (
+            select(images)
+            .where(images.c.job_id.in_(list(image_rows)), images.c.state != ImageState.DELETED.value)
+            .order_by(images.c["index"])
+        )
+        for image in conn.execute(live).mappings():
+            image_rows[image["job_id"]].append(image)
+    return [_job_record(row, image_rows[row["id"]]) for row in page], int(total)
 
 
 def _select_image(conn: Connection, image_id: str, owner: str | None) -> ImageRecord | None:

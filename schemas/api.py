@@ -77,3 +77,34 @@ class JobView(BaseModel):
 class ErrorResponse(BaseModel):
     status: Literal["error"] = "error"
     message: str
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    page: int
+    limit: int
+    total: int
+
+
+class ModelInfo(BaseModel):
+    """One catalog entry as clients see it (seed 003's ``/models`` fields plus capabilities)."""
+
+    id: str
+    description: str
+    source: str = Field(description="Hub id or folder the weights come from ('builtin:…' for tiny offline ones)")
+    backend: str
+    random_weights: bool
+    default_width: int
+    default_height: int
+    max_width: int
+    max_height: int
+    default_steps: int
+    max_steps: int
+    default_guidance: float
+    max_images: int
+    supports_negative_prompt: bool
+
+
+class ModelList(BaseModel):
+    models: dict[str, ModelInfo]
+    default: str

@@ -13,11 +13,14 @@ from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import Response, Stream
 
 from ingress.auth import require_owner
+from ingress.catalog_views import info, model_list
 from ingress.errors import ApiError
 from ingress.services import Services
-from schemas import GenerateRequest, JobAccepted, JobView
+from schemas import GenerateRequest, JobAccepted, JobStatus, JobView
+from schemas.api import JobList, ModelList
 from storage.object_store import ObjectMissing
 
+MAX_PAGE_SIZE = 50
 _FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
@@ -38,6 +41,33 @@ async def get_job(request: Request[Any, Any, Any], job_id: FromPath[str]) -> Job
     services = _services(request)
     owner = require_owner(services.keyring, request)
     return await services.jobs.view(job_id, owner)
+
+
+@get("/jobs", summary="The caller's jobs, newest first, paginated")
+async def list_jobs(
+    request: Request[Any, Any, Any],
+    status: FromQuery[JobStatus | None] = None,
+    page: FromQuery[int] = 1,
+    limit: FromQuery[int] = 20,
+) -> JobList:
+    services = _services(request)
+    owner = require_owner(services.keyring, request)
+    if page < 1:
+        raise ApiError(400, "page must be 1 or more")
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise ApiError(400, f"limit must be between 1 and {MAX_PAGE_SIZE}")
+    records, total = await services.read_model.list_jobs(owner, status=status, offset=(page - 1) * limit, limit=limit)
+    return JobList(jobs=[services.jobs.job_view(r) for r in records], page=page, limit=limit, total=total)
+
+
+@get("/models", summary="The model catalog")
+async def models(request: Request[Any, Any, Any]) -> ModelList:
+    return model_list(_services(request).config.catalog)
+
+
+@get("/info", summary="JSON schema of the generation parameters of each model")
+async def parameters_info(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    return info(_services(request).config.catalog)
 
 
 @get("/images/{image_id:str}", summary="The image bytes (PNG unless ?format=jpeg|webp)")
@@ -86,4 +116,6 @@ def _convert(data: bytes, fmt: str) -> bytes:
         return out.getvalue()
 
 
-native_router = Router(path="/api", route_handlers=[generate, get_job, get_image], tags=["native"])
+native_router = Router(
+    path="/api", route_handlers=[generate, get_job, list_jobs, models, parameters_info, get_image], tags=["native"]
+)
