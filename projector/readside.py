@@ -72,6 +72,10 @@ class ReadModel:
         """The owner's jobs, newest first, one page of them, and how many there are in all."""
         return await self._database.read(lambda conn: _select_jobs(conn, owner, status, offset, limit))
 
+    async def queue_position(self, job: JobRecord) -> int:
+        """How many jobs of the same backend wait ahead of ``job`` (0: next to be taken)."""
+        return await self._database.read(lambda conn: _count_ahead(conn, job))
+
     async def record_queued(self, event: JobQueued) -> None:
         """Write the row the projector will write for ``event``, unless it is already there.
 
@@ -118,6 +122,19 @@ def _select_jobs(
         for image in conn.execute(live).mappings():
             image_rows[image["job_id"]].append(image)
     return [_job_record(row, image_rows[row["id"]]) for row in page], int(total)
+
+
+def _count_ahead(conn: Connection, job: JobRecord) -> int:
+    ahead = (
+        select(func.count())
+        .select_from(jobs)
+        .where(
+            jobs.c.backend == job.backend,
+            jobs.c.status == JobStatus.PENDING.value,
+            (jobs.c.created_at < job.created_at) | ((jobs.c.created_at == job.created_at) & (jobs.c.id < job.id)),
+        )
+    )
+    return int(conn.execute(ahead).scalar_one())
 
 
 def _select_image(conn: Connection, image_id: str, owner: str | None) -> ImageRecord | None:

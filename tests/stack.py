@@ -40,6 +40,7 @@ def auth(key: str = KEY_ALICE) -> dict[str, str]:
 @dataclass
 class Stack:
     client: AsyncTestClient[Any]
+    config: IngressConfig
     bus: Bus
     store: ObjectStore
     catalog: Catalog
@@ -85,17 +86,16 @@ async def running_stack(
     await create_schema(database)
     store = ObjectStore(s3)
     await store.ensure_bucket()
-    app = create_app(
-        IngressConfig(
-            bus_url=bus_url,
-            bus_options=options,
-            s3=s3,
-            database_url=database_url,
-            catalog=catalog,
-            api_keys=(KEY_ALICE, KEY_BOB),
-            key_secret="test-secret",
-        )
+    config = IngressConfig(
+        bus_url=bus_url,
+        bus_options=options,
+        s3=s3,
+        database_url=database_url,
+        catalog=catalog,
+        api_keys=(KEY_ALICE, KEY_BOB),
+        key_secret="test-secret",
     )
+    app = create_app(config)
     stop = asyncio.Event()
     buses: list[Bus] = []
     tasks: list[asyncio.Task[Any]] = []
@@ -116,7 +116,15 @@ async def running_stack(
             )
             tasks.append(asyncio.create_task(worker.run(stop=stop)))
         async with AsyncTestClient(app) as client:
-            yield Stack(client=client, bus=await connect(), store=store, catalog=catalog, options=options, tasks=tasks)
+            yield Stack(
+                client=client,
+                config=config,
+                bus=await connect(),
+                store=store,
+                catalog=catalog,
+                options=options,
+                tasks=tasks,
+            )
     finally:
         stop.set()
         with contextlib.suppress(Exception):
@@ -130,3 +138,25 @@ async def fetch(url: str) -> httpx.Response:
     """GET a URL outside the API (a presigned object-store URL)."""
     async with httpx.AsyncClient() as client:
         return await client.get(url)
+
+
+@asynccontextmanager
+async def served(config: IngressConfig) -> AsyncIterator[httpx.AsyncClient]:
+    """Another ingress replica over real HTTP, in this event loop (streams arrive as they are sent)."""
+    import uvicorn
+
+    from imagebus.process import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        await task

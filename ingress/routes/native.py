@@ -15,6 +15,7 @@ from litestar.response import Response, Stream
 from ingress.auth import require_owner
 from ingress.catalog_views import info, model_list
 from ingress.errors import ApiError
+from ingress.routes.sse import job_events
 from ingress.services import Services
 from schemas import GenerateRequest, JobAccepted, JobStatus, JobView
 from schemas.api import JobList, ModelList
@@ -117,5 +118,7 @@ def _convert(data: bytes, fmt: str) -> bytes:
 
 
 native_router = Router(
-    path="/api", route_handlers=[generate, get_job, list_jobs, models, parameters_info, get_image], tags=["native"]
+    path="/api",
+    route_handlers=[generate, get_job, list_jobs, models, parameters_info, get_image, job_events],
+    tags=["native"],
 )

@@ -1,0 +1,123 @@
+"""Server-Sent Events for one job: queue position, steps with previews, then one terminal event.
+
+The stream listens on the bus, not on anything in this process, so any ingress replica serves
+any job. Every (re)connection starts with the job's current state from the read model, so a
+client reconnecting with Last-Event-ID misses nothing terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Request, get
+from litestar.params import FromPath
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+
+from ingress.auth import require_owner
+from ingress.services import Services
+from projector.readside import JobRecord
+from schemas import Event, JobCanceled, JobFailed, JobProgress, JobStarted, JobStatus, JobSucceeded
+
+KEEP_ALIVE_S = 15.0
+POSITION_REFRESH_S = 1.0
+# How long to wait for the read model to show a terminal event the bus already announced.
+TERMINAL_VISIBLE_TIMEOUT_S = 10.0
+
+
+@get("/sse/{job_id:str}", summary="Live progress of a job (Server-Sent Events)")
+async def job_events(request: Request[Any, Any, Any], job_id: FromPath[str]) -> ServerSentEvent:
+    services: Services = request.app.state.services
+    owner = require_owner(services.keyring, request)
+    await services.jobs.job(job_id, owner)  # 404 before the stream starts, for other owners too
+    return ServerSentEvent(_job_stream(services, job_id, owner), headers={"Cache-Control": "no-store"})
+
+
+async def _job_stream(services: Services, job_id: str, owner: str) -> AsyncIterator[ServerSentEventMessage]:
+    async with services.bus.watch_events(job_id) as live:
+        inbox: asyncio.Queue[Event] = asyncio.Queue()
+        # A reader task: the bus iterator must not be cancelled mid-wait, a queue get may.
+        reader = asyncio.create_task(_forward(live, inbox))
+        try:
+            async for message in _messages(services, job_id, owner, inbox):
+                yield message
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+
+async def _forward(live: AsyncIterator[Event], inbox: asyncio.Queue[Event]) -> None:
+    async for event in live:
+        inbox.put_nowait(event)
+
+
+async def _messages(
+    services: Services, job_id: str, owner: str, inbox: asyncio.Queue[Event]
+) -> AsyncIterator[ServerSentEventMessage]:
+    # Subscribed first, then the snapshot: nothing published in between is lost.
+    job = await services.jobs.job(job_id, owner)
+    if job.status.is_terminal():
+        yield _terminal(services, job)
+        return
+    position: int | None = None
+    if job.status is JobStatus.PENDING:
+        position = await services.read_model.queue_position(job)
+        yield _message({"status": "pending", "position": position}, f"{job_id}-queued")
+    else:
+        yield _message({"status": "processing", "step": job.step, "total_steps": job.total_steps}, None)
+    idle_s = 0.0
+    while True:
+        timeout = POSITION_REFRESH_S if position is not None else KEEP_ALIVE_S
+        try:
+            event = await asyncio.wait_for(inbox.get(), timeout)
+        except TimeoutError:
+            idle_s += timeout
+            if position is not None:
+                job = await services.jobs.job(job_id, owner)
+                if job.status is JobStatus.PENDING:
+                    now = await services.read_model.queue_position(job)
+                    if now != position:
+                        position = now
+                        yield _message({"status": "pending", "position": position}, None)
+            if idle_s >= KEEP_ALIVE_S:
+                idle_s = 0.0
+                yield ServerSentEventMessage(comment="keep-alive")
+            continue
+        idle_s = 0.0
+        match event:
+            case JobStarted():
+                position = None
+                yield _message({"status": "processing", "step": 0, "total_steps": job.total_steps}, event.message_id)
+            case JobProgress():
+                position = None
+                data = {"status": "processing", "step": event.step, "total_steps": event.total_steps}
+                if event.preview:
+                    data["preview"] = event.preview
+                yield _message(data, event.message_id)
+            case JobSucceeded() | JobFailed() | JobCanceled():
+                yield _terminal(services, await _terminal_record(services, job_id, owner))
+                return
+
+
+async def _terminal_record(services: Services, job_id: str, owner: str) -> JobRecord:
+    """The job once the read model shows it terminal (the bus can be a few ms ahead of it)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + TERMINAL_VISIBLE_TIMEOUT_S
+    while True:
+        job = await services.jobs.job(job_id, owner)
+        if job.status.is_terminal() or loop.time() > deadline:
+            return job
+        await asyncio.sleep(0.01)
+
+
+def _terminal(services: Services, job: JobRecord) -> ServerSentEventMessage:
+    view = services.jobs.job_view(job).model_dump(mode="json")
+    return _message(view, f"{job.id}-{job.status.value}")
+
+
+def _message(data: dict[str, Any], event_id: str | None) -> ServerSentEventMessage:
+    return ServerSentEventMessage(data=json.dumps(data), id=event_id)
