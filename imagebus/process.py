@@ -47,18 +47,6 @@ def find_binary(name: str) -> str:
     return found
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux).
-
-    Without it a supervisor killed hard leaves its servers and roles running with nobody to stop them.
-    """
-    if sys.platform == "linux":
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
 @dataclass
 class ManagedProcess:
     """A child process with its log file; stopped with SIGTERM, then SIGKILL."""
