@@ -20,9 +20,9 @@ What RabbitMQ does differently from JetStream (callers need not care, but operat
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing, asynccontextmanager, suppress
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, suppress
+from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import (
@@ -41,6 +41,9 @@ from schemas import CancelJob, Event, GenerateImage, Message, decode_command, de
 
 # Stream consumers need a prefetch (credit); acks return it.
 _EVENT_PREFETCH = 200
+
+
+_T = TypeVar("_T")
 
 
 class _AmqpDelivery(SettleOnce):
@@ -224,34 +227,26 @@ class AmqpBus:
         finally:
             await channel.close()
 
-    @asynccontextmanager
-    async def watch_events(self, job_id: str | None = None) -> AsyncIterator[AsyncIterator[Event]]:
+    def watch_events(self, job_id: str | None = None) -> AbstractAsyncContextManager[AsyncIterator[Event]]:
         key = self._names.evt_binding(None if job_id is None else checked_token(job_id, "job_id"))
-        async with self._live_queue(self._names.events_exchange, key) as inbox:
+        return self._watch(self._names.events_exchange, key, decode_event)
 
-            async def events() -> AsyncGenerator[Event, None]:
-                while True:
-                    message = await inbox.get()
-                    event = decoded_or_none(decode_event, message.body, f"with key {message.routing_key}")
-                    if event is not None:
-                        yield event
-
-            async with aclosing(events()) as iterator:
-                yield iterator
+    def watch_control(self, backend: str) -> AbstractAsyncContextManager[AsyncIterator[CancelJob]]:
+        key = self._names.ctl_key(checked_token(backend, "backend"))
+        return self._watch(self._names.control_exchange, key, decode_control)
 
     @asynccontextmanager
-    async def watch_control(self, backend: str) -> AsyncIterator[AsyncIterator[CancelJob]]:
-        key = self._names.ctl_key(checked_token(backend, "backend"))
-        async with self._live_queue(self._names.control_exchange, key) as inbox:
+    async def _watch(self, exchange: str, key: str, decode: Callable[[bytes], _T]) -> AsyncIterator[AsyncIterator[_T]]:
+        """Live messages through a temporary queue, decoded; unreadable ones are logged and skipped."""
+        async with self._live_queue(exchange, key) as inbox:
 
-            async def controls() -> AsyncGenerator[CancelJob, None]:
+            async def decoded() -> AsyncGenerator[_T, None]:
                 while True:
                     message = await inbox.get()
-                    control = decoded_or_none(decode_control, message.body, f"with key {message.routing_key}")
-                    if control is not None:
-                        yield control
+                    if (item := decoded_or_none(decode, message.body, f"with key {message.routing_key}")) is not None:
+                        yield item
 
-            async with aclosing(controls()) as iterator:
+            async with aclosing(decoded()) as iterator:
                 yield iterator
 
     @asynccontextmanager

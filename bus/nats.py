@@ -8,8 +8,9 @@ also see every JetStream publish. Every stream, subject and consumer is prefixed
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing, asynccontextmanager, suppress
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, suppress
+from typing import TypeVar
 
 import structlog
 from nats.aio.client import Client
@@ -32,6 +33,9 @@ _CONNECT_TIMEOUT_S = 10.0
 _MAX_ACK_PENDING = 10_000
 # JetStream error code: "stream name already in use with a different configuration".
 _STREAM_NAME_IN_USE = 10058
+
+
+_T = TypeVar("_T")
 
 
 class _NatsDelivery(SettleOnce):
@@ -248,29 +252,24 @@ class NatsBus:
         finally:
             await reader.close()
 
-    @asynccontextmanager
-    async def watch_events(self, job_id: str | None = None) -> AsyncIterator[AsyncIterator[Event]]:
+    def watch_events(self, job_id: str | None = None) -> AbstractAsyncContextManager[AsyncIterator[Event]]:
         subject = self._names.evt_watch(None if job_id is None else checked_token(job_id, "job_id"))
+        return self._watch(subject, decode_event)
+
+    def watch_control(self, backend: str) -> AbstractAsyncContextManager[AsyncIterator[CancelJob]]:
+        return self._watch(self._names.ctl_subject(checked_token(backend, "backend")), decode_control)
+
+    @asynccontextmanager
+    async def _watch(self, subject: str, decode: Callable[[bytes], _T]) -> AsyncIterator[AsyncIterator[_T]]:
+        """Live messages on a core subject, decoded; unreadable ones are logged and skipped."""
         async with self._core_subscription(subject) as messages:
 
-            async def events() -> AsyncGenerator[Event, None]:
+            async def decoded() -> AsyncGenerator[_T, None]:
                 async for msg in messages:
-                    if (event := decoded_or_none(decode_event, msg.data, f"on {msg.subject}")) is not None:
-                        yield event
+                    if (message := decoded_or_none(decode, msg.data, f"on {msg.subject}")) is not None:
+                        yield message
 
-            async with aclosing(events()) as iterator:
-                yield iterator
-
-    @asynccontextmanager
-    async def watch_control(self, backend: str) -> AsyncIterator[AsyncIterator[CancelJob]]:
-        async with self._core_subscription(self._names.ctl_subject(checked_token(backend, "backend"))) as messages:
-
-            async def controls() -> AsyncGenerator[CancelJob, None]:
-                async for msg in messages:
-                    if (control := decoded_or_none(decode_control, msg.data, f"on {msg.subject}")) is not None:
-                        yield control
-
-            async with aclosing(controls()) as iterator:
+            async with aclosing(decoded()) as iterator:
                 yield iterator
 
     @asynccontextmanager
