@@ -113,6 +113,8 @@ def run_stack(settings: LauncherSettings, args: argparse.Namespace) -> int:
             "IMAGEBUS_DATABASE_URL": f"sqlite:///{data_dir / 'readmodel.db'}",
             "IMAGEBUS_KEY_SECRET": key_secret,
             "IMAGEBUS_API_KEYS": api_key,
+            # One person's laptop: the generated key is also the admin key (POST /api/reset_queue).
+            "IMAGEBUS_ADMIN_KEYS": api_key,
         }
         model = args.model or settings.default_model
         if model:

@@ -9,6 +9,7 @@ import signal
 import socket
 
 import structlog
+from pydantic import SecretStr
 
 from bus import Bus, BusOptions, connect_bus
 from imagebus.catalog import load_catalog
@@ -20,7 +21,7 @@ from imagebus.settings import (
     _BusMixin,
     _S3Mixin,
 )
-from ingress.config import IngressConfig
+from ingress.config import EnrichConfig, IngressConfig, QuotaLimits
 from schemas import Catalog
 from storage.object_store import ObjectStore, S3Config
 from workers.backends.base import Backend
@@ -144,8 +145,12 @@ async def run_reaper(settings: ReaperSettings) -> None:
         await bus.close()
 
 
+def _keys(value: SecretStr) -> tuple[str, ...]:
+    return tuple(k.strip() for k in value.get_secret_value().split(",") if k.strip())
+
+
 def ingress_config(settings: IngressSettings) -> IngressConfig:
-    keys = tuple(k.strip() for k in settings.api_keys.get_secret_value().split(",") if k.strip())
+    keys = _keys(settings.api_keys)
     return IngressConfig(
         bus_url=settings.bus_url,
         bus_options=bus_options(settings),
@@ -155,6 +160,15 @@ def ingress_config(settings: IngressSettings) -> IngressConfig:
         api_keys=keys,
         key_secret=settings.key_secret.get_secret_value(),
         max_body_bytes=settings.max_body_bytes,
+        admin_keys=_keys(settings.admin_keys),
+        allow_anonymous=settings.allow_anonymous,
+        quota=QuotaLimits(active_jobs=settings.quota_active_jobs, daily_images=settings.quota_daily_images),
+        stall_after_s=settings.stall_after_s,
+        enrich=EnrichConfig(
+            url=settings.enrich_url,
+            model=settings.enrich_model,
+            api_key=settings.enrich_api_key.get_secret_value() if settings.enrich_api_key else None,
+        ),
     )
 
 

@@ -68,6 +68,18 @@ class IngressSettings(_RoleSettings, _BusMixin, _S3Mixin, _DatabaseMixin, _Catal
         SecretStr("imagebus-dev-secret"), validation_alias=AliasChoices("IMAGEBUS_KEY_SECRET", "key_secret")
     )
     max_body_bytes: int = 64 * 1024
+    # Comma-separated keys that may also call admin routes (POST /api/reset_queue).
+    admin_keys: SecretStr = Field(SecretStr(""), validation_alias=AliasChoices("IMAGEBUS_ADMIN_KEYS", "admin_keys"))
+    # Keyless requests act as one shared "anonymous" owner (for seed clients that send no key).
+    allow_anonymous: bool = False
+    quota_active_jobs: int = 40
+    quota_daily_images: int = 1500
+    # A processing job with no event for this long is stalled (POST /api/reset_queue).
+    stall_after_s: float = 600.0
+    # An OpenAI-compatible endpoint (".../v1") for POST /api/enrich; templates when unset.
+    enrich_url: str | None = None
+    enrich_model: str = "gpt-4o-mini"
+    enrich_api_key: SecretStr | None = None
 
 
 class WorkerSettings(_RoleSettings, _BusMixin, _S3Mixin, _CatalogMixin):

@@ -10,9 +10,12 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 
 from ingress.config import IngressConfig
+from ingress.dialects import dialect_handlers
 from ingress.errors import EXCEPTION_HANDLERS
 from ingress.routes.health import health
+from ingress.routes.images import signed_file_handlers
 from ingress.routes.native import native_router
+from ingress.routes.web import web_router
 from ingress.services import open_services
 
 
@@ -24,7 +27,7 @@ def create_app(config: IngressConfig) -> Litestar:
             yield
 
     return Litestar(
-        route_handlers=[health, native_router],
+        route_handlers=[health, native_router, *signed_file_handlers, *dialect_handlers, web_router],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.max_body_bytes,

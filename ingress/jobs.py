@@ -9,9 +9,13 @@ from datetime import UTC, datetime
 import structlog
 
 from bus import Bus
+from ingress.config import QuotaLimits
 from ingress.errors import ApiError
+from ingress.links import LinkSigner
+from projector.queries import day_start
 from projector.readside import ImageRecord, JobRecord, ReadModel
 from schemas import (
+    CancelJob,
     Catalog,
     GenerateImage,
     GenerateRequest,
@@ -21,19 +25,30 @@ from schemas import (
     JobFailed,
     JobQueued,
     JobView,
+    LoraRequest,
     ModelSpec,
     new_id,
 )
-from schemas.api import Progress
+from schemas.api import CancelResult, Progress
 from storage.object_store import ObjectStore
 
 log = structlog.get_logger(__name__)
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
+# How long POST /cancel waits to answer with the final `canceled` (a running job stops between steps).
+CANCEL_WAIT_S = 3.0
 
 
 def valid_id(value: str) -> bool:
     return bool(_ID.match(value))
+
+
+def normalized_id(value: str) -> str:
+    """Ids are 32 hex digits; the dashed UUID form seed clients may print is accepted too."""
+    candidate = value.strip().lower()
+    if len(candidate) == 36 and candidate.count("-") == 4:
+        candidate = candidate.replace("-", "")
+    return candidate
 
 
 def resolve_params(catalog: Catalog, request: GenerateRequest) -> tuple[ModelSpec, GenerationParams]:
@@ -56,6 +71,7 @@ def resolve_params(catalog: Catalog, request: GenerateRequest) -> tuple[ModelSpe
         raise ApiError(400, f"num_images {request.num_images} exceeds the maximum {spec.max_images}")
     if request.negative_prompt and not spec.supports_negative_prompt:
         raise ApiError(400, f"model {spec.id} does not support negative_prompt")
+    loras = _resolve_loras(catalog, spec, request.loras)
     params = GenerationParams(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt or None,
@@ -66,19 +82,48 @@ def resolve_params(catalog: Catalog, request: GenerateRequest) -> tuple[ModelSpe
         guidance_scale=spec.default_guidance if request.guidance_scale is None else request.guidance_scale,
         seed=request.seed,
         num_images=request.num_images,
+        loras=loras,
     )
     return spec, params
 
 
+def _resolve_loras(catalog: Catalog, spec: ModelSpec, wanted: list[LoraRequest]) -> tuple[LoraRequest, ...]:
+    """Catalog ids for the requested LoRAs; any that cannot be applied is a 400, never dropped."""
+    if not wanted:
+        return ()
+    if not spec.supports_lora:
+        raise ApiError(400, f"model {spec.id} does not support LoRAs")
+    resolved = []
+    for request in wanted:
+        lora = catalog.lora(request.id)
+        if lora is None:
+            raise ApiError(400, f"unknown LoRA {request.id!r}; search them with GET /api/loras?query=")
+        if lora.models and spec.id not in lora.models:
+            raise ApiError(400, f"LoRA {lora.id} does not apply to model {spec.id} (only {', '.join(lora.models)})")
+        resolved.append(request.model_copy(update={"id": lora.id}))
+    return tuple(resolved)
+
+
 class JobService:
-    def __init__(self, bus: Bus, read_model: ReadModel, store: ObjectStore, catalog: Catalog) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        read_model: ReadModel,
+        store: ObjectStore,
+        catalog: Catalog,
+        signer: LinkSigner,
+        quota: QuotaLimits,
+    ) -> None:
         self._bus = bus
         self._read_model = read_model
         self._store = store
         self._catalog = catalog
+        self._quota = quota
+        self.signer = signer
 
     async def submit(self, request: GenerateRequest, owner: str, dialect: str = "native") -> JobAccepted:
         spec, params = resolve_params(self._catalog, request)
+        await self._check_quota(owner, params.num_images)
         job_id = new_id()
         queued = JobQueued(job_id=job_id, owner=owner, backend=spec.backend, params=params, dialect=dialect)
         structlog.contextvars.bind_contextvars(job_id=job_id)
@@ -101,19 +146,67 @@ class JobService:
         if isinstance(recorded, BaseException):
             raise recorded
         return JobAccepted(
-            job_id=job_id, model=spec.id, created_at=queued.occurred_at, status_url=f"/api/jobs/{job_id}"
+            job_id=job_id,
+            model=spec.id,
+            num_images=params.num_images,
+            created_at=queued.occurred_at,
+            status_url=f"/api/jobs/{job_id}",
+            message=f"Image generation job submitted successfully for {params.num_images} image(s)",
         )
 
+    async def _check_quota(self, owner: str, num_images: int) -> None:
+        now = datetime.now(UTC)
+        usage = await self._read_model.usage(owner, day_start(now))
+        if usage.active_jobs >= self._quota.active_jobs:
+            raise ApiError(
+                429,
+                f"quota: {usage.active_jobs} jobs already queued or running (limit {self._quota.active_jobs}); "
+                "wait for one to finish",
+                headers={"Retry-After": "5"},
+            )
+        if usage.images_since + num_images > self._quota.daily_images:
+            midnight = day_start(now).timestamp() + 86400
+            raise ApiError(
+                429,
+                f"quota: {usage.images_since} of {self._quota.daily_images} daily images used; "
+                f"{num_images} more would exceed it",
+                headers={"Retry-After": str(max(1, int(midnight - now.timestamp())))},
+            )
+
     async def job(self, job_id: str, owner: str) -> JobRecord:
+        job_id = normalized_id(job_id)
         record = await self._read_model.get_job(job_id, owner) if valid_id(job_id) else None
         if record is None:
             raise ApiError(404, f"job {job_id} not found")
         return record
 
+    async def cancel(self, job_id: str, owner: str) -> CancelResult:
+        """Ask the job's workers to stop it; a pending job is dropped by whichever worker takes it.
+
+        Only a worker emits the terminal event (one ack point, exactly one terminal state), so
+        this waits a moment for it and otherwise answers with the job still on its way out.
+        """
+        job = await self.job(job_id, owner)
+        if job.status.is_terminal():
+            raise ApiError(409, f"job {job.id} already ended: {job.status.value}")
+        try:
+            await self._bus.publish_control(CancelJob(job_id=job.id, backend=job.backend))
+        except Exception as exc:
+            raise ApiError(503, "the message bus is unavailable; the job was not canceled, try again") from exc
+        log.info("cancel_requested", job_id=job.id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CANCEL_WAIT_S
+        while not job.status.is_terminal() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            job = await self.job(job.id, owner)
+        message = "Job canceled" if job.status.is_terminal() else "Cancel requested; the job stops at its next step"
+        return CancelResult(job_id=job.id, status=job.status, message=message)
+
     async def view(self, job_id: str, owner: str) -> JobView:
         return self.job_view(await self.job(job_id, owner))
 
     async def image(self, image_id: str, owner: str) -> ImageRecord:
+        image_id = normalized_id(image_id)
         record = await self._read_model.get_image(image_id, owner) if valid_id(image_id) else None
         if record is None or record.state == "deleted":
             raise ApiError(404, f"image {image_id} not found")
@@ -138,6 +231,7 @@ class JobService:
             completed_at=job.completed_at,
             progress=Progress(step=job.step, total_steps=job.total_steps),
             images=[self.image_view(image) for image in job.images],
+            loras=list(params.loras),
             error=job.error,
         )
 
@@ -148,6 +242,8 @@ class JobService:
             id=image.id,
             url=None if expired else self._store.presigned_get_url(image.object_key, image.expires_at, now),
             download_url=f"/api/images/{image.id}",
+            file_url=self.signer.file_url(image.id, image.content_type),
+            thumb_url=self.signer.thumb_url(image.id),
             expires_at=image.expires_at,
             expired=expired,
             width=image.width,

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from bus import Bus, connect_bus
 from ingress.auth import KeyRing
 from ingress.config import IngressConfig
+from ingress.images import ImageService
 from ingress.jobs import JobService
+from ingress.links import LinkSigner
 from projector.database import create_database, create_schema
 from projector.readside import ReadModel
 from storage.object_store import ObjectStore
@@ -23,24 +25,29 @@ class Services:
     read_model: ReadModel
     keyring: KeyRing
     jobs: JobService
+    images: ImageService
 
 
 @asynccontextmanager
 async def open_services(config: IngressConfig) -> AsyncIterator[Services]:
-    keyring = KeyRing(config.api_keys, config.key_secret)
+    keyring = KeyRing(
+        config.api_keys, config.key_secret, admin_keys=config.admin_keys, allow_anonymous=config.allow_anonymous
+    )
     database = create_database(config.database_url)
     await create_schema(database)
     bus = await connect_bus(config.bus_url, config.bus_options)
     store = ObjectStore(config.s3)
     try:
         read_model = ReadModel(database)
+        jobs = JobService(bus, read_model, store, config.catalog, LinkSigner(config.key_secret), config.quota)
         yield Services(
             config=config,
             bus=bus,
             store=store,
             read_model=read_model,
             keyring=keyring,
-            jobs=JobService(bus, read_model, store, config.catalog),
+            jobs=jobs,
+            images=ImageService(bus, read_model, store, jobs),
         )
     finally:
         await bus.close()

@@ -23,6 +23,7 @@ from schemas import (
     JobFailed,
     JobProgress,
     JobQueued,
+    JobRequeued,
     JobStarted,
     JobStatus,
     JobSucceeded,
@@ -160,6 +161,8 @@ def apply_event(projection: Projection, event: Event) -> None:
     match event:
         case JobStarted():
             job = _started(job, event)
+        case JobRequeued():
+            job = _requeued(job)
         case JobProgress():
             job = _progressed(job, event)
         case JobSucceeded() | JobFailed() | JobCanceled():
@@ -203,6 +206,14 @@ def _started(job: JobRow, event: JobStarted) -> JobRow:
         # A redelivered job starts its steps over; a duplicate JobStarted keeps the progress.
         step=0 if restarted else job.step,
     )
+
+
+def _requeued(job: JobRow) -> JobRow:
+    # The one move back: a stalled job is pending again. Its re-published command is a new
+    # message whose deliveries count from 1, so the attempt counter starts over too.
+    if job.status.is_terminal():
+        return job
+    return replace(job, status=JobStatus.PENDING, step=0, attempt=0)
 
 
 def _progressed(job: JobRow, event: JobProgress) -> JobRow:

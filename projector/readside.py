@@ -10,6 +10,17 @@ from sqlalchemy import Connection, RowMapping, bindparam, func, select
 
 from projector.apply import ImageRow, ImageState, queued_row
 from projector.database import Database, insert_if_absent
+from projector.queries import (
+    GalleryRecord,
+    QueueFigures,
+    StalledJob,
+    Usage,
+    mark_image_deleted,
+    select_gallery,
+    select_queue_figures,
+    select_stalled,
+    select_usage,
+)
 from projector.tables import images, jobs
 from schemas import GenerationParams, JobQueued, JobStatus
 
@@ -75,6 +86,27 @@ class ReadModel:
     async def queue_position(self, job: JobRecord) -> int:
         """How many jobs of the same backend wait ahead of ``job`` (0: next to be taken)."""
         return await self._database.read(lambda conn: _count_ahead(conn, job))
+
+    async def gallery(
+        self, owner: str, now: datetime, *, search: str | None, model: str | None, offset: int, limit: int
+    ) -> tuple[list[GalleryRecord], int]:
+        """The owner's fetchable images, newest first, filtered by a search over prompt and model."""
+        return await self._database.read(
+            lambda conn: select_gallery(conn, owner, now, search=search, model=model, offset=offset, limit=limit)
+        )
+
+    async def queue_figures(self, since: datetime) -> QueueFigures:
+        return await self._database.read(lambda conn: select_queue_figures(conn, since))
+
+    async def stalled_jobs(self, quiet_since: datetime) -> list[StalledJob]:
+        return await self._database.read(lambda conn: select_stalled(conn, quiet_since))
+
+    async def usage(self, owner: str, since: datetime) -> Usage:
+        return await self._database.read(lambda conn: select_usage(conn, owner, since))
+
+    async def mark_image_deleted(self, image_id: str, owner: str) -> bool:
+        """Hide the image now (read-your-writes for DELETE); the ImageDeleted event does the same."""
+        return await self._database.write(lambda conn: mark_image_deleted(conn, image_id, owner))
 
     async def record_queued(self, event: JobQueued) -> None:
         """Write the row the projector will write for ``event``, unless it is already there.

@@ -1,7 +1,7 @@
 """The contract every imagebus role speaks: commands, events, API shapes, the status enum."""
 
 from schemas.api import ErrorResponse, GenerateRequest, ImageView, JobAccepted, JobView
-from schemas.catalog import Catalog, ModelSpec
+from schemas.catalog import Catalog, LoraSpec, ModelSpec
 from schemas.messages import (
     SCHEMA_VERSION,
     CancelJob,
@@ -15,8 +15,10 @@ from schemas.messages import (
     JobFailed,
     JobProgress,
     JobQueued,
+    JobRequeued,
     JobStarted,
     JobSucceeded,
+    LoraRequest,
     Message,
     decode_command,
     decode_control,
@@ -45,10 +47,13 @@ __all__ = [
     "JobFailed",
     "JobProgress",
     "JobQueued",
+    "JobRequeued",
     "JobStarted",
     "JobStatus",
     "JobSucceeded",
     "JobView",
+    "LoraRequest",
+    "LoraSpec",
     "Message",
     "ModelSpec",
     "decode_command",

@@ -23,6 +23,28 @@ class ModelSpec(BaseModel):
     default_guidance: float = 7.5
     max_images: int = 8
     supports_negative_prompt: bool = True
+    supports_lora: bool = False
+
+
+class LoraSpec(BaseModel):
+    """One LoRA of the LoRA catalog."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    name: str
+    # A local .safetensors file, a folder, or a hub id.
+    source: str
+    image: str | None = None
+    tags: tuple[str, ...] = ()
+    trigger_words: tuple[str, ...] = ()
+    # Model ids it applies to; empty means any model that supports LoRAs.
+    models: tuple[str, ...] = ()
+
+    def matches(self, query: str) -> bool:
+        needle = query.strip().lower()
+        haystack = [self.id, self.name, *self.tags, *self.trigger_words]
+        return not needle or any(needle in item.lower() for item in haystack)
 
 
 class Catalog(BaseModel):
@@ -30,9 +52,18 @@ class Catalog(BaseModel):
 
     default: str
     models: dict[str, ModelSpec] = Field(default_factory=dict)
+    loras: dict[str, LoraSpec] = Field(default_factory=dict)
 
     def get(self, model_id: str | None) -> ModelSpec | None:
         return self.models.get(model_id or self.default)
+
+    def lora(self, id_or_name: str) -> LoraSpec | None:
+        """A LoRA by id, or else by its name (case-insensitive), as the weights.gg API names them."""
+        found = self.loras.get(id_or_name)
+        if found is not None:
+            return found
+        wanted = id_or_name.strip().lower()
+        return next((spec for spec in self.loras.values() if spec.name.lower() == wanted), None)
 
     @property
     def backends(self) -> set[str]:

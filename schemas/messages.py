@@ -42,6 +42,16 @@ class Message(BaseModel):
     occurred_at: datetime = Field(default_factory=utcnow)
 
 
+class LoraRequest(BaseModel):
+    """One LoRA applied to a job: its catalog id, the adapter weight, and the trigger words' weight."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    weight: float = 1.0
+    trigger_weight: float = 1.0
+
+
 class GenerationParams(BaseModel):
     """What to generate; shared by the command and the JobQueued event."""
 
@@ -56,6 +66,8 @@ class GenerationParams(BaseModel):
     guidance_scale: float
     seed: int | None = None
     num_images: int = 1
+    # Applied in order; a worker that cannot apply one fails the job, it never drops it.
+    loras: tuple[LoraRequest, ...] = ()
 
 
 # --- command and control -------------------------------------------------------------------
@@ -93,6 +105,13 @@ class JobStarted(Message):
     type: Literal["JobStarted"] = "JobStarted"
     worker_id: str
     attempt: int
+
+
+class JobRequeued(Message):
+    """A stalled job put back to pending (``POST /api/reset_queue``) and its command re-published."""
+
+    type: Literal["JobRequeued"] = "JobRequeued"
+    reason: str
 
 
 class JobProgress(Message):
@@ -147,6 +166,7 @@ class ImageDeleted(Message):
 Event = Annotated[
     JobQueued
     | JobStarted
+    | JobRequeued
     | JobProgress
     | ImageStored
     | JobSucceeded
@@ -160,6 +180,7 @@ Event = Annotated[
 EVENT_TYPES: tuple[str, ...] = (
     "JobQueued",
     "JobStarted",
+    "JobRequeued",
     "JobProgress",
     "ImageStored",
     "JobSucceeded",

@@ -1,47 +1,62 @@
-"""The native API under /api."""
+"""The native API under /api: jobs, catalog, queue, prompts, quota. Images: ``routes/images.py``."""
 
 from __future__ import annotations
 
-import asyncio
-import io
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any
 
 from litestar import Request, Router, get, post
-from litestar.params import FromPath, FromQuery, JSONBody
-from litestar.response import Response, Stream
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 
-from ingress.auth import require_owner
-from ingress.catalog_views import info, model_list
+from ingress.auth import require_admin, require_owner
+from ingress.catalog_views import info, model_list, search_loras
+from ingress.enrich import enrich
 from ingress.errors import ApiError
-from ingress.routes.sse import job_events
+from ingress.images import check_page
+from ingress.queue import queue_stats, reset_stalled
+from ingress.quota import native_quota, usage_of
+from ingress.routes.images import native_image_handlers
+from ingress.routes.sse import gallery_events, job_events
 from ingress.services import Services
-from schemas import GenerateRequest, JobAccepted, JobStatus, JobView
-from schemas.api import JobList, ModelList
-from storage.object_store import ObjectMissing
+from schemas import JobAccepted, JobStatus, JobView
+from schemas.api import (
+    CancelResult,
+    EnrichRequest,
+    EnrichResult,
+    GenerateBody,
+    JobList,
+    LoraList,
+    ModelList,
+    QueueStats,
+    Quota,
+    ResetResult,
+)
 
-MAX_PAGE_SIZE = 50
-_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
-
-def _services(request: Request[Any, Any, Any]) -> Services:
+def services_of(request: Request[Any, Any, Any]) -> Services:
     services: Services = request.app.state.services
     return services
 
 
-@post("/generate", status_code=202, summary="Queue a text-to-image job")
-async def generate(request: Request[Any, Any, Any], data: JSONBody[GenerateRequest]) -> JobAccepted:
-    services = _services(request)
+@post("/generate", status_code=202, summary="Queue a text-to-image job (flat fields, or model_id + settings)")
+async def generate(request: Request[Any, Any, Any], data: JSONBody[GenerateBody]) -> JobAccepted:
+    services = services_of(request)
     owner = require_owner(services.keyring, request)
-    return await services.jobs.submit(data, owner)
+    dialect = "cyberimage" if data.model_id is not None or data.settings is not None else "native"
+    return await services.jobs.submit(data.to_request(), owner, dialect=dialect)
 
 
 @get("/jobs/{job_id:str}", summary="A job's status, progress and images")
 async def get_job(request: Request[Any, Any, Any], job_id: FromPath[str]) -> JobView:
-    services = _services(request)
+    services = services_of(request)
     owner = require_owner(services.keyring, request)
     return await services.jobs.view(job_id, owner)
+
+
+@post("/jobs/{job_id:str}/cancel", status_code=200, summary="Cancel a pending or running job")
+async def cancel_job(request: Request[Any, Any, Any], job_id: FromPath[str]) -> CancelResult:
+    services = services_of(request)
+    owner = require_owner(services.keyring, request)
+    return await services.jobs.cancel(job_id, owner)
 
 
 @get("/jobs", summary="The caller's jobs, newest first, paginated")
@@ -51,74 +66,75 @@ async def list_jobs(
     page: FromQuery[int] = 1,
     limit: FromQuery[int] = 20,
 ) -> JobList:
-    services = _services(request)
+    services = services_of(request)
     owner = require_owner(services.keyring, request)
-    if page < 1:
-        raise ApiError(400, "page must be 1 or more")
-    if not 1 <= limit <= MAX_PAGE_SIZE:
-        raise ApiError(400, f"limit must be between 1 and {MAX_PAGE_SIZE}")
+    check_page(page, limit)
     records, total = await services.read_model.list_jobs(owner, status=status, offset=(page - 1) * limit, limit=limit)
     return JobList(jobs=[services.jobs.job_view(r) for r in records], page=page, limit=limit, total=total)
 
 
 @get("/models", summary="The model catalog")
 async def models(request: Request[Any, Any, Any]) -> ModelList:
-    return model_list(_services(request).config.catalog)
+    return model_list(services_of(request).config.catalog)
 
 
-@get("/info", summary="JSON schema of the generation parameters of each model")
+@get("/info", summary="JSON schema of the generation parameters of each model, and its LoRAs")
 async def parameters_info(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    return info(_services(request).config.catalog)
+    return info(services_of(request).config.catalog)
 
 
-@get("/images/{image_id:str}", summary="The image bytes (PNG unless ?format=jpeg|webp)")
-async def get_image(
-    request: Request[Any, Any, Any],
-    image_id: FromPath[str],
-    format: FromQuery[Literal["png", "jpeg", "webp"] | None] = None,
-) -> Response[Any]:
-    services = _services(request)
+@get("/loras", summary="Search the LoRA catalog by id, name, tag or trigger word")
+async def loras(request: Request[Any, Any, Any], text: Annotated[str, Parameter(query="query")] = "") -> LoraList:
+    if len(text) > 200:
+        raise ApiError(400, "query must be at most 200 characters")
+    return search_loras(services_of(request).config.catalog, text)
+
+
+@get("/quota", summary="The caller's usage, limits and what remains")
+async def quota(request: Request[Any, Any, Any]) -> Quota:
+    services = services_of(request)
     owner = require_owner(services.keyring, request)
-    image_id = image_id.removesuffix(".png")
-    image = await services.jobs.image(image_id, owner)
-    if image.state == "expired" or image.expires_at <= datetime.now(UTC):
-        raise ApiError(410, f"image {image_id} expired at {image.expires_at.isoformat()}")
-    try:
-        chunks = await _opened(services.store.get_stream(image.object_key))
-    except ObjectMissing as exc:
-        raise ApiError(410, f"image {image_id} is no longer stored") from exc
-    wanted = _FORMATS.get(format or "", image.content_type)
-    headers = {"Cache-Control": "private, max-age=60"}
-    if wanted == image.content_type:
-        return Stream(chunks, media_type=image.content_type, headers=headers)
-    data = b"".join([chunk async for chunk in chunks])
-    converted = await asyncio.to_thread(_convert, data, format or "png")
-    return Response(converted, media_type=wanted, headers=headers)
+    return native_quota(await usage_of(services.read_model, owner), services.config.quota)
 
 
-async def _opened(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Read the first chunk now, so a missing object becomes an error before headers are sent."""
-    first = await anext(chunks, b"")
-
-    async def replay() -> AsyncIterator[bytes]:
-        yield first
-        async for chunk in chunks:
-            yield chunk
-
-    return replay()
+@get("/queue", summary="Jobs by status; with detailed=true also the last 24 h, per model, timings")
+async def queue(request: Request[Any, Any, Any], detailed: FromQuery[bool] = False) -> QueueStats:
+    services = services_of(request)
+    require_owner(services.keyring, request)
+    return await queue_stats(services.read_model, detailed=detailed)
 
 
-def _convert(data: bytes, fmt: str) -> bytes:
-    from PIL import Image
+@post("/reset_queue", status_code=200, summary="(admin) Put stalled jobs back to pending and re-publish them")
+async def reset_queue(request: Request[Any, Any, Any]) -> ResetResult:
+    services = services_of(request)
+    require_admin(services.keyring, request)
+    return await reset_stalled(services.bus, services.read_model, stall_after_s=services.config.stall_after_s)
 
-    with Image.open(io.BytesIO(data)) as image:
-        out = io.BytesIO()
-        image.convert("RGB").save(out, format=fmt.upper())
-        return out.getvalue()
+
+@post("/enrich", status_code=200, summary="Enrich a prompt in a style (templates, or a configured chat model)")
+async def enrich_prompt(request: Request[Any, Any, Any], data: JSONBody[EnrichRequest]) -> EnrichResult:
+    services = services_of(request)
+    require_owner(services.keyring, request)
+    return await enrich(data.prompt, data.style, services.config.enrich)
 
 
 native_router = Router(
     path="/api",
-    route_handlers=[generate, get_job, list_jobs, models, parameters_info, get_image, job_events],
+    route_handlers=[
+        generate,
+        get_job,
+        cancel_job,
+        list_jobs,
+        models,
+        parameters_info,
+        loras,
+        quota,
+        queue,
+        reset_queue,
+        enrich_prompt,
+        job_events,
+        gallery_events,
+        *native_image_handlers,
+    ],
     tags=["native"],
 )

@@ -19,8 +19,21 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from ingress.auth import require_owner
 from ingress.services import Services
+from projector.apply import ImageRow, ImageState
+from projector.queries import GalleryRecord
 from projector.readside import JobRecord
-from schemas import Event, JobCanceled, JobFailed, JobProgress, JobStarted, JobStatus, JobSucceeded
+from schemas import (
+    Event,
+    GenerationParams,
+    ImageStored,
+    JobCanceled,
+    JobFailed,
+    JobProgress,
+    JobRequeued,
+    JobStarted,
+    JobStatus,
+    JobSucceeded,
+)
 
 KEEP_ALIVE_S = 15.0
 POSITION_REFRESH_S = 1.0
@@ -28,12 +41,67 @@ POSITION_REFRESH_S = 1.0
 TERMINAL_VISIBLE_TIMEOUT_S = 10.0
 
 
+@get("/sse/gallery", summary="New images of the caller as they are stored (Server-Sent Events)")
+async def gallery_events(request: Request[Any, Any, Any]) -> ServerSentEvent:
+    services: Services = request.app.state.services
+    owner = require_owner(services.keyring, request)
+    return ServerSentEvent(_gallery_stream(services, owner), headers={"Cache-Control": "no-store"})
+
+
+async def _gallery_stream(services: Services, owner: str) -> AsyncIterator[ServerSentEventMessage]:
+    async with services.bus.watch_events() as live:
+        inbox: asyncio.Queue[Event] = asyncio.Queue()
+        reader = asyncio.create_task(_forward(live, inbox))
+        # job id -> its params when the job is the caller's, None when it is someone else's.
+        jobs: dict[str, GenerationParams | None] = {}
+        try:
+            yield ServerSentEventMessage(comment="connected")
+            while True:
+                try:
+                    event = await asyncio.wait_for(inbox.get(), KEEP_ALIVE_S)
+                except TimeoutError:
+                    yield ServerSentEventMessage(comment="keep-alive")
+                    continue
+                if not isinstance(event, ImageStored):
+                    continue
+                if event.job_id not in jobs:
+                    record = await services.read_model.get_job(event.job_id, owner)
+                    jobs[event.job_id] = None if record is None else record.params
+                params = jobs[event.job_id]
+                if params is None:
+                    continue
+                item = services.images.gallery_image(GalleryRecord(_image_row(event, owner), params))
+                yield _message(item.model_dump(mode="json"), event.message_id)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+
+def _image_row(event: ImageStored, owner: str) -> ImageRow:
+    return ImageRow(
+        id=event.image_id,
+        job_id=event.job_id,
+        owner=owner,
+        index=event.index,
+        object_key=event.object_key,
+        content_type=event.content_type,
+        width=event.width,
+        height=event.height,
+        size_bytes=event.size_bytes,
+        seed=event.seed,
+        created_at=event.occurred_at,
+        expires_at=event.expires_at,
+        state=ImageState.AVAILABLE,
+    )
+
+
 @get("/sse/{job_id:str}", summary="Live progress of a job (Server-Sent Events)")
 async def job_events(request: Request[Any, Any, Any], job_id: FromPath[str]) -> ServerSentEvent:
     services: Services = request.app.state.services
     owner = require_owner(services.keyring, request)
-    await services.jobs.job(job_id, owner)  # 404 before the stream starts, for other owners too
-    return ServerSentEvent(_job_stream(services, job_id, owner), headers={"Cache-Control": "no-store"})
+    job = await services.jobs.job(job_id, owner)  # 404 before the stream starts, for other owners too
+    return ServerSentEvent(_job_stream(services, job.id, owner), headers={"Cache-Control": "no-store"})
 
 
 async def _job_stream(services: Services, job_id: str, owner: str) -> AsyncIterator[ServerSentEventMessage]:
@@ -89,6 +157,10 @@ async def _messages(
             continue
         idle_s = 0.0
         match event:
+            case JobRequeued():
+                job = await services.jobs.job(job_id, owner)
+                position = await services.read_model.queue_position(job)
+                yield _message({"status": "pending", "position": position}, event.message_id)
             case JobStarted():
                 position = None
                 yield _message({"status": "processing", "step": 0, "total_steps": job.total_steps}, event.message_id)

@@ -68,6 +68,10 @@ class DiffusersBackend:
         self, params: GenerationParams, on_progress: ProgressCallback, cancel: CancelToken
     ) -> list[GeneratedImage]:
         cancel.raise_if_canceled()
+        if params.loras:
+            # Never generate without a LoRA the caller asked for: the job fails and says which.
+            names = ", ".join(lora.id for lora in params.loras)
+            raise ValueError(f"LoRA {names} cannot be applied: this diffusers worker does not load LoRA weights")
         with self._lock:
             pipeline = self._pipeline_for(params.model)
             return self._run(pipeline, params, on_progress, cancel)
