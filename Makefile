@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test install services lint typecheck unit bench clean
+.PHONY: up test install services browser lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ up: install
 services:
 	bash scripts/ensure-services.sh
 
+# Debian's Chromium for the web page test (Playwright cannot download its own browsers here).
+browser:
+	bash scripts/ensure-browser.sh
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -29,7 +33,7 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-unit: install services
+unit: install services browser
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: lint typecheck unit
