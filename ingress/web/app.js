@@ -689,7 +689,24 @@
 
   // --- start ----------------------------------------------------------------------------
 
+  // Jobs still running when the page was (re)loaded get their card and stream back.
+  async function resumeJobs() {
+    let result;
+    try {
+      result = await api("/api/jobs?limit=10");
+    } catch (error) {
+      reportError(error);
+      return;
+    }
+    const shown = new Set([...document.querySelectorAll(".job")].map((card) => card.dataset.jobId));
+    const running = ((result && result.jobs) || []).filter(
+      (job) => (job.status === "pending" || job.status === "processing") && !shown.has(job.id),
+    );
+    for (const job of running.reverse()) followJob(createJobView(job.id, job.prompt)); // newest ends on top
+  }
+
   function startSignedIn() {
+    resumeJobs();
     loadGallery();
     searchLoras();
     followGallery();
