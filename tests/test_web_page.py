@@ -2,7 +2,7 @@
 
 One person's session: enter the key once, submit a prompt, watch previews and the progress bar,
 get the image with its expiry countdown and download it, reload (the key is remembered), search
-the gallery, ask for a LoRA, cancel a long job, delete from the gallery.
+the gallery, ask for a LoRA, cancel a long job, delete from the gallery, page through it.
 """
 
 from __future__ import annotations
@@ -69,6 +69,9 @@ async def test_the_page_generates_with_live_progress_searches_the_gallery_and_ca
         served(dataclasses.replace(stack.config, catalog=catalog_with_a_lora())) as replica,
     ):
         context = await browser.new_context(base_url=str(replica.base_url), viewport={"width": 1280, "height": 1000})
+        # Generous waits: this runs beside a worker and the servers on a 2-core machine.
+        context.set_default_timeout(15_000)
+        expect.set_options(timeout=15_000)
         page = await context.new_page()
         page_errors: list[str] = []
         page.on("pageerror", lambda error: page_errors.append(str(error)))
@@ -79,6 +82,7 @@ async def test_the_page_generates_with_live_progress_searches_the_gallery_and_ca
             await ask_for_a_lora_that_cannot_be_applied(page)
             await cancel_a_long_job_after_a_reload(page, stack)
             await delete_from_the_gallery(page, stack)
+            await page_through_the_gallery(page)
             assert page_errors == []
         finally:
             await context.close()
@@ -199,12 +203,33 @@ async def delete_from_the_gallery(page: Page, stack: Stack) -> None:
     assert gone.status_code in (404, 410), gone.text
 
 
-async def submit(page: Page, prompt: str, *, steps: int, seed: int | None = None) -> None:
+async def page_through_the_gallery(page: Page) -> None:
+    """13 new images arrive live: page 1 keeps the newest 12, the 13th is one page older."""
+    await submit(page, "a field of tulips", steps=2, images=8)
+    await expect(page.locator(".job", has_text="tulips")).to_have_attribute("data-status", "completed", timeout=20_000)
+    await submit(page, "a bunch of roses", steps=2, images=5)
+    await expect(page.locator(".job", has_text="roses")).to_have_attribute("data-status", "completed", timeout=20_000)
+    images = page.locator("#gallery-grid .image-card")
+    await expect(page.locator("#gallery-status")).to_have_text("13 images")
+    await expect(images).to_have_count(12)
+    await expect(images.first.locator(".caption")).to_have_text("a bunch of roses")
+    await expect(page.locator("#gallery-prev")).to_be_disabled()
+    await page.click("#gallery-next")
+    await expect(page.locator("#gallery-page")).to_have_text("Page 2 of 2")
+    await expect(images).to_have_count(1)
+    await expect(images.locator(".caption")).to_have_text("a field of tulips")
+    await expect(page.locator("#gallery-next")).to_be_disabled()
+    await page.click("#gallery-prev")
+    await expect(images).to_have_count(12)
+
+
+async def submit(page: Page, prompt: str, *, steps: int, images: int = 1, seed: int | None = None) -> None:
     await page.fill("#prompt", prompt)
     await page.select_option("#model", "tiny-sd")
     await page.fill("#width", "64")
     await page.fill("#height", "64")
     await page.fill("#steps", str(steps))
+    await page.fill("#num-images", str(images))
     await page.fill("#seed", "" if seed is None else str(seed))
     await page.click("#generate")
 

@@ -5,6 +5,8 @@
   const KEY_STORAGE = "imagebus.apiKey";
   const GALLERY_PAGE_SIZE = 12;
   const MAX_RECONNECT_DELAY_MS = 10000;
+  const QUIET_CHECK_MS = 4000;
+  const TERMINAL = new Set(["completed", "failed", "canceled"]);
 
   const $ = (id) => document.getElementById(id);
   const state = {
@@ -12,6 +14,7 @@
     models: {},
     loras: new Map(), // id → {lora, row}
     lorasAvailable: true,
+    loraRequest: 0,
     gallery: { page: 1, search: "", model: "", total: 0, hasMore: false, request: 0, live: false },
     clockSkewMs: 0,
     galleryStream: null,
@@ -397,10 +400,13 @@
   async function searchLoras() {
     if (!state.key || !state.lorasAvailable) return;
     const query = $("lora-search").value.trim();
+    const request = ++state.loraRequest; // answers to superseded searches are dropped
     let result;
     try {
       result = await api(`/api/loras?query=${encodeURIComponent(query)}`);
+      if (request !== state.loraRequest) return;
     } catch (error) {
+      if (request !== state.loraRequest) return;
       if (error instanceof ApiError && (error.status === 404 || error.status === 405)) {
         state.lorasAvailable = false; // this server has no LoRA catalog
         applyModel();
@@ -410,15 +416,17 @@
       return;
     }
     const loras = (result && result.loras) || [];
+    const model = $("model").value;
     $("lora-status").textContent = loras.length ? "" : query ? `No LoRA matches “${query}”.` : "No LoRAs installed.";
     $("lora-results").replaceChildren(
-      ...loras.slice(0, 20).map((lora) =>
-        el("li", {},
+      ...loras.slice(0, 20).map((lora) => {
+        const applies = !lora.models || lora.models.length === 0 || lora.models.includes(model);
+        return el("li", {},
           lora.image ? el("img", { src: lora.image, alt: "", class: "lora-thumb" }) : null,
           el("span", { class: "lora-name", text: lora.name || lora.id }),
-          el("span", { class: "hint", text: (lora.tags || []).join(", ") }),
-          el("button", { type: "button", class: "small", text: "Add", onclick: () => addLora(lora) })),
-      ),
+          el("span", { class: "hint", text: applies ? (lora.tags || []).join(", ") : `only for ${lora.models.join(", ")}` }),
+          el("button", { type: "button", class: "small", text: "Add", disabled: !applies, onclick: () => addLora(lora) }));
+      }),
     );
   }
 
@@ -497,31 +505,49 @@
   async function followJob(view) {
     let lastEventId = null;
     let failures = 0;
-    while (!view.done) {
-      try {
-        await readEventStream(`/api/sse/${encodeURIComponent(view.jobId)}`, {
-          lastEventId,
-          signal: view.abort.signal,
-          onMessage: (data, id) => {
-            if (id) lastEventId = id;
-            failures = 0;
-            onJobMessage(view, data);
-          },
-        });
-      } catch (error) {
-        if (error.name === "AbortError") return;
-        if (error instanceof ApiError && error.status >= 400 && error.status < 500) {
-          view.detail.textContent = error.message;
-          reportError(error);
-          return;
+    let lastHeard = Date.now();
+    // A stream that stays quiet is checked against the job itself, so a terminal state the stream
+    // missed (it ended while we were reconnecting) still ends the card.
+    const watchdog = setInterval(() => {
+      if (view.done || Date.now() - lastHeard < QUIET_CHECK_MS) return;
+      lastHeard = Date.now();
+      checkJob(view).catch(() => {}); // the stream, or the next check, reports lasting trouble
+    }, 1000);
+    try {
+      while (!view.done) {
+        try {
+          await readEventStream(`/api/sse/${encodeURIComponent(view.jobId)}`, {
+            lastEventId,
+            signal: view.abort.signal,
+            onMessage: (data, id) => {
+              if (id) lastEventId = id;
+              failures = 0;
+              lastHeard = Date.now();
+              onJobMessage(view, data);
+            },
+          });
+        } catch (error) {
+          if (error.name === "AbortError") return;
+          if (error instanceof ApiError && error.status >= 400 && error.status < 500) {
+            view.detail.textContent = error.message;
+            reportError(error);
+            return;
+          }
         }
+        if (view.done) return;
+        // The stream ended early (a restarted replica): reconnect; the server resends the current state.
+        failures += 1;
+        view.detail.textContent = "Reconnecting…";
+        await sleep(Math.min(500 * 2 ** failures, MAX_RECONNECT_DELAY_MS));
       }
-      if (view.done) return;
-      // The stream ended early (a restarted replica): reconnect; the server resends the current state.
-      failures += 1;
-      view.detail.textContent = "Reconnecting…";
-      await sleep(Math.min(500 * 2 ** failures, MAX_RECONNECT_DELAY_MS));
+    } finally {
+      clearInterval(watchdog);
     }
+  }
+
+  async function checkJob(view) {
+    const job = await api(`/api/jobs/${encodeURIComponent(view.jobId)}`);
+    if (!view.done && job && TERMINAL.has(job.status)) finishJob(view, job);
   }
 
   function onJobMessage(view, data) {
@@ -717,7 +743,10 @@
     $("key-change").addEventListener("click", showKeyForm);
     $("key-forget").addEventListener("click", forgetKey);
     $("notice-close").addEventListener("click", clearError);
-    $("model").addEventListener("change", applyModel);
+    $("model").addEventListener("change", () => {
+      applyModel();
+      searchLoras(); // which LoRAs apply depends on the model
+    });
     $("generate-form").addEventListener("submit", submitJob);
     $("lora-search").addEventListener("input", debounce(searchLoras, 250));
     $("gallery-form").addEventListener("submit", (event) => {
