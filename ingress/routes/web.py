@@ -31,7 +31,7 @@ def index() -> File:
     return File(
         WEB_DIR / "index.html",
         content_disposition_type="inline",
-        media_type="text/html; charset=utf-8",
+        media_type="text/html",
         headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff"},
     )
 
