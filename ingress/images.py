@@ -130,6 +130,7 @@ class ImageService:
             negative_prompt=params.negative_prompt,
             settings=settings_of(params),
             loras=list(params.loras),
+            ignored_parameters=list(params.ignored_parameters),
             seed=image.seed,
             width=image.width,
             height=image.height,

@@ -51,8 +51,14 @@ def normalized_id(value: str) -> str:
     return candidate
 
 
-def resolve_params(catalog: Catalog, request: GenerateRequest) -> tuple[ModelSpec, GenerationParams]:
-    """Fill catalog defaults and enforce the model's limits; raises ApiError(400) on bad input."""
+def resolve_params(
+    catalog: Catalog, request: GenerateRequest, *, lenient_negative_prompt: bool = False
+) -> tuple[ModelSpec, GenerationParams]:
+    """Fill catalog defaults and enforce the model's limits; raises ApiError(400) on bad input.
+
+    ``lenient_negative_prompt``: drop (and record) a negative prompt the model cannot use instead
+    of refusing it, as CyberImage documents for its Flux models.
+    """
     spec = catalog.get(request.model)
     if spec is None:
         known = ", ".join(sorted(catalog.models))
@@ -69,12 +75,16 @@ def resolve_params(catalog: Catalog, request: GenerateRequest) -> tuple[ModelSpe
         raise ApiError(400, f"num_inference_steps {steps} exceeds the maximum {spec.max_steps} of {spec.id}")
     if request.num_images > spec.max_images:
         raise ApiError(400, f"num_images {request.num_images} exceeds the maximum {spec.max_images}")
-    if request.negative_prompt and not spec.supports_negative_prompt:
-        raise ApiError(400, f"model {spec.id} does not support negative_prompt")
+    ignored: tuple[str, ...] = ()
+    negative_prompt = request.negative_prompt or None
+    if negative_prompt and not spec.supports_negative_prompt:
+        if not lenient_negative_prompt:
+            raise ApiError(400, f"model {spec.id} does not support negative_prompt")
+        negative_prompt, ignored = None, ("negative_prompt",)
     loras = _resolve_loras(catalog, spec, request.loras)
     params = GenerationParams(
         prompt=request.prompt,
-        negative_prompt=request.negative_prompt or None,
+        negative_prompt=negative_prompt,
         model=spec.id,
         width=width,
         height=height,
@@ -83,6 +93,7 @@ def resolve_params(catalog: Catalog, request: GenerateRequest) -> tuple[ModelSpe
         seed=request.seed,
         num_images=request.num_images,
         loras=loras,
+        ignored_parameters=ignored,
     )
     return spec, params
 
@@ -122,7 +133,7 @@ class JobService:
         self.signer = signer
 
     async def submit(self, request: GenerateRequest, owner: str, dialect: str = "native") -> JobAccepted:
-        spec, params = resolve_params(self._catalog, request)
+        spec, params = resolve_params(self._catalog, request, lenient_negative_prompt=dialect == "cyberimage")
         await self._check_quota(owner, params.num_images)
         job_id = new_id()
         queued = JobQueued(job_id=job_id, owner=owner, backend=spec.backend, params=params, dialect=dialect)

@@ -211,6 +211,7 @@ class ImageMetadata(BaseModel):
     negative_prompt: str | None
     settings: dict[str, Any]
     loras: list[LoraRequest]
+    ignored_parameters: list[str] = Field(description="Request fields accepted but not used by this model")
     seed: int | None
     width: int
     height: int

@@ -68,6 +68,9 @@ class GenerationParams(BaseModel):
     num_images: int = 1
     # Applied in order; a worker that cannot apply one fails the job, it never drops it.
     loras: tuple[LoraRequest, ...] = ()
+    # Request fields accepted but not used, where a seed API documents that (CyberImage's
+    # negative prompt on Flux models); the job's metadata reports them.
+    ignored_parameters: tuple[str, ...] = ()
 
 
 # --- command and control -------------------------------------------------------------------

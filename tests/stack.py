@@ -31,6 +31,7 @@ from workers.runtime import Worker, WorkerOptions
 
 KEY_ALICE = "ib_test_alice_" + uuid.uuid4().hex
 KEY_BOB = "ib_test_bob_" + uuid.uuid4().hex
+KEY_ADMIN = "ib_test_admin_" + uuid.uuid4().hex
 
 
 def auth(key: str = KEY_ALICE) -> dict[str, str]:
@@ -79,8 +80,11 @@ async def running_stack(
     image_ttl_s: float = 600.0,
     workers: int = 1,
     ack_wait_s: float = 30.0,
+    catalog: Catalog | None = None,
+    **config_overrides: Any,
 ) -> AsyncIterator[Stack]:
-    catalog = load_catalog()
+    """``config_overrides`` are IngressConfig fields (allow_anonymous, quota, stall_after_s, ...)."""
+    catalog = catalog or load_catalog()
     options = BusOptions(namespace=f"t{uuid.uuid4().hex[:10]}", ack_wait_s=ack_wait_s, max_deliveries=3)
     database = create_database(database_url)
     await create_schema(database)
@@ -94,6 +98,8 @@ async def running_stack(
         catalog=catalog,
         api_keys=(KEY_ALICE, KEY_BOB),
         key_secret="test-secret",
+        admin_keys=(KEY_ADMIN,),
+        **config_overrides,
     )
     app = create_app(config)
     stop = asyncio.Event()

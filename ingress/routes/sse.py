@@ -36,7 +36,8 @@ from schemas import (
 )
 
 KEEP_ALIVE_S = 15.0
-POSITION_REFRESH_S = 1.0
+# How often a quiet stream re-reads the job (queue position, and an end the bus did not show).
+REFRESH_S = 1.0
 # How long to wait for the read model to show a terminal event the bus already announced.
 TERMINAL_VISIBLE_TIMEOUT_S = 10.0
 
@@ -139,18 +140,21 @@ async def _messages(
         yield _message({"status": "processing", "step": job.step, "total_steps": job.total_steps}, None)
     idle_s = 0.0
     while True:
-        timeout = POSITION_REFRESH_S if position is not None else KEEP_ALIVE_S
         try:
-            event = await asyncio.wait_for(inbox.get(), timeout)
+            event = await asyncio.wait_for(inbox.get(), REFRESH_S)
         except TimeoutError:
-            idle_s += timeout
-            if position is not None:
-                job = await services.jobs.job(job_id, owner)
-                if job.status is JobStatus.PENDING:
-                    now = await services.read_model.queue_position(job)
-                    if now != position:
-                        position = now
-                        yield _message({"status": "pending", "position": position}, None)
+            # An event published between the subscription and the snapshot reached neither, so
+            # the read model is asked again: it catches a job that ended in that gap.
+            job = await services.jobs.job(job_id, owner)
+            if job.status.is_terminal():
+                yield _terminal(services, job)
+                return
+            if job.status is JobStatus.PENDING:
+                now = await services.read_model.queue_position(job)
+                if now != position:
+                    position = now
+                    yield _message({"status": "pending", "position": position}, None)
+            idle_s += REFRESH_S
             if idle_s >= KEEP_ALIVE_S:
                 idle_s = 0.0
                 yield ServerSentEventMessage(comment="keep-alive")
@@ -171,8 +175,11 @@ async def _messages(
                     data["preview"] = event.preview
                 yield _message(data, event.message_id)
             case JobSucceeded() | JobFailed() | JobCanceled():
-                yield _terminal(services, await _terminal_record(services, job_id, owner))
-                return
+                job = await _terminal_record(services, job_id, owner)
+                if job.status.is_terminal():
+                    yield _terminal(services, job)
+                    return
+                # The read model lags far behind the bus: the refresh above ends the stream later.
 
 
 async def _terminal_record(services: Services, job_id: str, owner: str) -> JobRecord:

@@ -108,14 +108,19 @@ def _tiny_vae(latent_channels: int = 4) -> Any:
     from diffusers import AutoencoderKL
 
     with _seeded():
+        # Four blocks: the 8x latent downscale of real SD VAEs. With two, a 1024x1024 request
+        # meant attention over 512x512 latents (minutes on a CPU); now it takes seconds, so seed
+        # clients' 1024-pixel examples run as written. No mid-block attention, for the same reason.
         vae = AutoencoderKL(
-            block_out_channels=(4, 8),
+            block_out_channels=(4, 8, 8, 8),
+            layers_per_block=1,
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
             latent_channels=latent_channels,
             norm_num_groups=2,
+            mid_block_add_attention=False,
         )
     return _for_inference(vae)
 
