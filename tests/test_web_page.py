@@ -9,40 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from pathlib import Path
 
 from playwright.async_api import Browser, Locator, Page, expect
 
 from imagebus.catalog import load_catalog
-from schemas import Catalog, GenerationParams, LoraSpec
+from schemas import Catalog, LoraSpec
 from storage.object_store import S3Config
+from tests.slow_backend import StepDelayBackend
 from tests.stack import KEY_ALICE, Stack, auth, running_stack, served
-from workers.backends.base import Backend, CancelToken, GeneratedImage, Progress, ProgressCallback
+from workers.backends.base import Backend
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-class StepDelayBackend:
-    """A backend slowed down after every step, so a job runs long enough to watch and to cancel."""
-
-    def __init__(self, inner: Backend, step_delay_s: float) -> None:
-        self.name = inner.name
-        self._inner = inner
-        self._step_delay_s = step_delay_s
-
-    def prepare(self, model: str) -> None:
-        self._inner.prepare(model)
-
-    def generate(
-        self, params: GenerationParams, on_progress: ProgressCallback, cancel: CancelToken
-    ) -> list[GeneratedImage]:
-        def slowed(progress: Progress) -> None:
-            time.sleep(self._step_delay_s)  # in the worker's backend thread, like a real slow step
-            on_progress(progress)
-
-        return self._inner.generate(params, slowed, cancel)
 
 
 def catalog_with_a_lora() -> Catalog:

@@ -9,4 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-dialect_handlers: list[Any] = []
+from ingress.dialects.chutes import chutes_handlers
+from ingress.dialects.cyberimage import cyberimage_router
+from ingress.dialects.status import status_handlers
+from ingress.dialects.weights import weights_handlers
+
+dialect_handlers: list[Any] = [
+    *weights_handlers,  # seeds 000/001 (weights.gg)
+    *chutes_handlers,  # seed 002 (Chutes proxy)
+    *status_handlers,  # GET /status/{id}: 000/001 and 002, in the job's own dialect
+    cyberimage_router,  # seed 003; seed 004 (txt2img) is the native API itself
+]

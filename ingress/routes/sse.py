@@ -36,6 +36,16 @@ from schemas import (
 )
 
 KEEP_ALIVE_S = 15.0
+
+
+class Comment(ServerSentEventMessage):
+    """A comment line alone. Litestar adds an empty ``data:`` line to comments, which is an
+    empty event to any client that parses the stream itself rather than through EventSource."""
+
+    def encode(self) -> bytes:
+        return f": {self.comment}\r\n\r\n".encode()
+
+
 # How often a quiet stream re-reads the job (queue position, and an end the bus did not show).
 REFRESH_S = 1.0
 # How long to wait for the read model to show a terminal event the bus already announced.
@@ -56,12 +66,12 @@ async def _gallery_stream(services: Services, owner: str) -> AsyncIterator[Serve
         # job id -> its params when the job is the caller's, None when it is someone else's.
         jobs: dict[str, GenerationParams | None] = {}
         try:
-            yield ServerSentEventMessage(comment="connected")
+            yield Comment(comment="connected")
             while True:
                 try:
                     event = await asyncio.wait_for(inbox.get(), KEEP_ALIVE_S)
                 except TimeoutError:
-                    yield ServerSentEventMessage(comment="keep-alive")
+                    yield Comment(comment="keep-alive")
                     continue
                 if not isinstance(event, ImageStored):
                     continue
@@ -157,7 +167,7 @@ async def _messages(
             idle_s += REFRESH_S
             if idle_s >= KEEP_ALIVE_S:
                 idle_s = 0.0
-                yield ServerSentEventMessage(comment="keep-alive")
+                yield Comment(comment="keep-alive")
             continue
         idle_s = 0.0
         match event:
