@@ -84,7 +84,7 @@ async def parameters_info(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 
 @get("/loras", summary="Search the LoRA catalog by id, name, tag or trigger word")
-async def loras(request: Request[Any, Any, Any], text: Annotated[str, Parameter(query="query")] = "") -> LoraList:
+async def loras(request: Request[Any, Any, Any], text: Annotated[str, QueryParameter(name="query")] = "") -> LoraList:
     if len(text) > 200:
         raise ApiError(400, "query must be at most 200 characters")
     return search_loras(services_of(request).config.catalog, text)
