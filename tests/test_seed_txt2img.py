@@ -107,7 +107,7 @@ async def test_every_readme_example_runs_through_jobs_sse_images_and_thumbs(
             assert sdxl["negative_prompt"].startswith("worst quality")
 
             # Every stored image came down the gallery stream.
-            streamed = set()
+            streamed: set[str] = set()
             async with asyncio.timeout(30):
                 while len(streamed) < len(finals):
                     line = await anext(gallery_lines)
