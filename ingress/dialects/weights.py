@@ -116,7 +116,8 @@ async def generate_image(
         "success": True,
         "imageId": accepted.job_id,
         "imageUrl": absolute_url(request, services.jobs.signer.file_url(image_id_for(accepted.job_id, 0))),
-        "statusUrl": absolute_url(request, f"/status/{accepted.job_id}"),
+        # Relative, as the weights.gg server answers it: its clients join it to the endpoint they call.
+        "statusUrl": f"/status/{accepted.job_id}",
     }
 
 
