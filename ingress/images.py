@@ -30,6 +30,8 @@ from storage.object_store import ObjectMissing, ObjectStore
 log = structlog.get_logger(__name__)
 
 MAX_PAGE_SIZE = 50
+# Far past any real listing; larger pages would overflow the database's offset integer.
+MAX_PAGE = 1_000_000
 THUMBNAIL_SIZE = 256
 # Thumbnails are a few KB; keep the recent ones so a gallery page does not re-decode its images.
 _THUMB_CACHE_ENTRIES = 512
@@ -48,8 +50,8 @@ def image_id_from_filename(filename: str) -> str:
 
 
 def check_page(page: int, limit: int) -> None:
-    if page < 1:
-        raise ApiError(400, "page must be 1 or more")
+    if not 1 <= page <= MAX_PAGE:
+        raise ApiError(400, f"page must be between 1 and {MAX_PAGE}")
     if not 1 <= limit <= MAX_PAGE_SIZE:
         raise ApiError(400, f"limit must be between 1 and {MAX_PAGE_SIZE}")
 

@@ -314,6 +314,8 @@ async def test_enrich_uses_templates_or_a_configured_chat_endpoint(
 BAD_REQUESTS = [
     ("GET", "/api/jobs/not-a-job", None, 404),
     ("GET", "/api/jobs?page=0", None, 400),
+    ("GET", "/api/jobs?page=1000000000000000000", None, 400),
+    ("GET", "/api/images?page=99999999999999999999", None, 400),
     ("GET", "/api/jobs?limit=1000", None, 400),
     ("GET", "/api/jobs?status=bogus", None, 400),
     ("POST", "/api/jobs/0123/cancel", None, 404),

@@ -57,10 +57,12 @@ def assert_json_error(response: Any, *codes: int) -> dict[str, Any]:
     return body
 
 
-async def wait_for(stack: Stack, task_id: str, statuses: set[str], timeout_s: float) -> dict[str, Any]:
+async def wait_for(
+    stack: Stack, task_id: str, statuses: set[str], timeout_s: float, client: Any = None
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
-        response = await stack.client.get(f"/status/{task_id}")
+        response = await (client or stack.client).get(f"/status/{task_id}")
         assert response.status_code == 200, response.text
         task: dict[str, Any] = response.json()
         assert_task(task)
@@ -86,7 +88,8 @@ async def test_readme_examples_run_as_written(storage_config: S3Config, seed_bac
         ) as stack,
         served(stack.config) as replica,
     ):
-        client = stack.client
+        # Everything over real HTTP in this event loop, where the memory bus and the worker live.
+        client = replica
         # 1. Queue Image Generation: the README's body, then the curl one; one worker, so the second waits.
         queued = await client.post("/generate", json=README_BODY)
         assert queued.status_code == 200, queued.text
@@ -112,7 +115,7 @@ async def test_readme_examples_run_as_written(storage_config: S3Config, seed_bac
         assert canceled.status_code == 200, canceled.text
 
         # 2. Check status: every field until completed; the image is at file_path, no key needed.
-        done = await wait_for(stack, big["id"], {"completed", "failed"}, timeout_s=120)
+        done = await wait_for(stack, big["id"], {"completed", "failed"}, timeout_s=120, client=client)
         assert_task(done, status="completed")
         assert done["id"] == big["id"] and done["prompt"] == README_BODY["prompt"]
         url = urlsplit(done["file_path"])
@@ -124,10 +127,10 @@ async def test_readme_examples_run_as_written(storage_config: S3Config, seed_bac
         job = (await client.get(f"/api/jobs/{big['id']}")).json()
         assert (job["model"], job["num_inference_steps"], job["guidance_scale"]) == ("qwen-image", 20, 7.5)
 
-        second = await wait_for(stack, small["id"], {"completed", "failed"}, timeout_s=60)
+        second = await wait_for(stack, small["id"], {"completed", "failed"}, timeout_s=60, client=client)
         assert_task(second, status="completed")
         assert Image.open(io.BytesIO((await client.get(second["file_path"])).content)).size == (64, 64)
-        gone = await wait_for(stack, doomed, {"failed"}, timeout_s=60)
+        gone = await wait_for(stack, doomed, {"failed"}, timeout_s=60, client=client)
         assert gone["error"] and gone["file_path"] is None
         # The hex id works as well as the dashed one.
         assert (await client.get(f"/status/{uuid.UUID(big['id']).hex}")).json()["id"] == big["id"]
