@@ -148,6 +148,25 @@ def queued_row(event: JobQueued) -> JobRow:
     )
 
 
+def stored_row(event: ImageStored, owner: str) -> ImageRow:
+    """The row an ImageStored creates; also what the gallery stream shows before the projector runs."""
+    return ImageRow(
+        id=event.image_id,
+        job_id=event.job_id,
+        owner=owner,
+        index=event.index,
+        object_key=event.object_key,
+        content_type=event.content_type,
+        width=event.width,
+        height=event.height,
+        size_bytes=event.size_bytes,
+        seed=event.seed,
+        created_at=event.occurred_at,
+        expires_at=event.expires_at,
+        state=ImageState.AVAILABLE,
+    )
+
+
 def apply_event(projection: Projection, event: Event) -> None:
     """Fold one event into the rows it touches. Idempotent: applying it twice equals once."""
     event = _aware(event)
@@ -255,23 +274,7 @@ def _store_image(projection: Projection, job: JobRow, event: ImageStored) -> Non
         # be expired or deleted, rather than resurrect an object that is gone.
         return
     # New, or rewritten by a redelivered job under a new object key: the latest wins.
-    projection.put_image(
-        ImageRow(
-            id=event.image_id,
-            job_id=event.job_id,
-            owner=job.owner,
-            index=event.index,
-            object_key=event.object_key,
-            content_type=event.content_type,
-            width=event.width,
-            height=event.height,
-            size_bytes=event.size_bytes,
-            seed=event.seed,
-            created_at=event.occurred_at,
-            expires_at=event.expires_at,
-            state=ImageState.AVAILABLE,
-        )
-    )
+    projection.put_image(stored_row(event, job.owner))
 
 
 def _expire_image(projection: Projection, event: ImageExpired) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import Connection, func, or_, select, update
 
@@ -143,10 +142,13 @@ def select_usage(conn: Connection, owner: str, since: datetime) -> Usage:
         .select_from(jobs)
         .where(jobs.c.owner == owner, jobs.c.status.in_([JobStatus.PENDING.value, JobStatus.PROCESSING.value]))
     ).scalar_one()
-    recent: list[Any] = list(
-        conn.execute(select(jobs.c.params).where(jobs.c.owner == owner, jobs.c.created_at >= since)).scalars()
-    )
-    return Usage(int(active), sum(int(params.get("num_images", 1)) for params in recent))
+    # Summed in SQL (json_extract on SQLite, ->> on PostgreSQL): this runs on every submit.
+    asked = conn.execute(
+        select(func.coalesce(func.sum(jobs.c.params["num_images"].as_integer()), 0)).where(
+            jobs.c.owner == owner, jobs.c.created_at >= since
+        )
+    ).scalar_one()
+    return Usage(int(active), int(asked))
 
 
 def day_start(now: datetime) -> datetime:

@@ -140,6 +140,15 @@ async def running_stack(
         await database.dispose()
 
 
+def assert_json_error(response: Any, *codes: int) -> dict[str, Any]:
+    """A JSON error answer with one of ``codes`` (the seed dialects name it ``message`` or ``error``)."""
+    assert response.status_code in codes, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body: dict[str, Any] = response.json()
+    assert isinstance(body.get("message") or body.get("error"), str), body
+    return body
+
+
 async def fetch(url: str) -> httpx.Response:
     """GET a URL outside the API (a presigned object-store URL)."""
     async with httpx.AsyncClient() as client:

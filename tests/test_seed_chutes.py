@@ -19,7 +19,7 @@ from PIL import Image
 
 from storage.object_store import S3Config
 from tests.seed_catalog import seed_catalog
-from tests.stack import KEY_ALICE, Stack, auth, running_stack, served
+from tests.stack import KEY_ALICE, Stack, assert_json_error, auth, running_stack, served
 from workers.backends.base import Backend
 
 README_BODY = {
@@ -47,14 +47,6 @@ def assert_task(task: dict[str, Any], *, status: str | None = None) -> None:
     assert (task["error"] is not None) == (task["status"] == "failed"), task
     if task["status"] != "completed":
         assert task["file_path"] is None, task
-
-
-def assert_json_error(response: Any, *codes: int) -> dict[str, Any]:
-    assert response.status_code in codes, (response.status_code, response.text)
-    assert response.headers["content-type"].startswith("application/json"), response.headers
-    body: dict[str, Any] = response.json()
-    assert isinstance(body.get("message") or body.get("error"), str), body
-    return body
 
 
 async def wait_for(

@@ -23,7 +23,7 @@ from ingress.dialects.weights import status_word
 from schemas import JobStatus
 from storage.object_store import S3Config
 from tests.seed_catalog import seed_catalog
-from tests.stack import KEY_ALICE, KEY_BOB, Stack, running_stack
+from tests.stack import KEY_ALICE, KEY_BOB, Stack, assert_json_error, running_stack
 from workers.backends.base import Backend
 
 WORDS = ("QUEUED", "STARTING", "PENDING", "COMPLETED")
@@ -55,14 +55,6 @@ def parse_time(value: str) -> datetime:
     moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     assert moment.tzinfo is not None, value
     return moment
-
-
-def assert_json_error(response: Any, *codes: int) -> dict[str, Any]:
-    assert response.status_code in codes, (response.status_code, response.text)
-    assert response.headers["content-type"].startswith("application/json"), response.headers
-    body: dict[str, Any] = response.json()
-    assert isinstance(body.get("message") or body.get("error"), str), body
-    return body
 
 
 async def follow(stack: Stack, image_id: str, until: set[str], timeout_s: float = 60.0) -> list[dict[str, Any]]:

@@ -1,10 +1,11 @@
-"""CyberImage (seed 003) under /api: its status, image, metadata, delete and gallery routes.
+"""CyberImage (seed 003) under /api: what differs from the native API.
 
 ``/api/models``, ``/api/generate`` (``model_id`` + nested ``settings``), ``/api/queue``,
 ``/api/reset_queue`` and ``/api/enrich`` are the native routes, whose shapes are supersets of
-CyberImage's. What differs lives here: the status vocabulary (no ``canceled``: a canceled job
-reads ``failed`` with its reason, so a polling client still stops), the ``progress`` flags,
-and the route names.
+CyberImage's; ``/api/gallery``, ``/api/image/{id}/metadata`` and ``DELETE /api/image/{id}`` are
+second paths of the native image handlers (``ingress/routes/images.py``). Here: the status
+vocabulary (no ``canceled``: a canceled job reads ``failed`` with its reason, so a polling
+client still stops), the ``progress`` flags, and ``/api/get_image`` (always PNG).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from litestar import Request, Router, delete, get
-from litestar.params import FromPath, FromQuery
+from litestar import Request, Router, get
+from litestar.params import FromPath
 from litestar.response import Stream
 
 from ingress.auth import require_owner
@@ -22,7 +23,6 @@ from ingress.routes.images import stream_of
 from ingress.services import Services
 from projector.readside import JobRecord
 from schemas import JobStatus
-from schemas.api import Deleted, Gallery, ImageMetadata
 
 
 def _services(request: Request[Any, Any, Any]) -> Services:
@@ -126,35 +126,8 @@ async def get_image(request: Request[Any, Any, Any], image_id: FromPath[str]) ->
     return stream_of(await services.images.content(image, "png"))
 
 
-@get("/image/{image_id:str}/metadata", summary="(CyberImage) how the image was made")
-async def image_metadata(request: Request[Any, Any, Any], image_id: FromPath[str]) -> ImageMetadata:
-    services = _services(request)
-    owner = require_owner(services.keyring, request)
-    return await services.images.metadata(image_id_from_filename(image_id), owner)
-
-
-@delete("/image/{image_id:str}", status_code=200, summary="(CyberImage) delete an image")
-async def delete_image(request: Request[Any, Any, Any], image_id: FromPath[str]) -> Deleted:
-    services = _services(request)
-    owner = require_owner(services.keyring, request)
-    return await services.images.delete(image_id_from_filename(image_id), owner)
-
-
-@get("/gallery", summary="(CyberImage) the gallery: page, limit ≤ 50, search over prompt and model")
-async def gallery(
-    request: Request[Any, Any, Any],
-    page: FromQuery[int] = 1,
-    limit: FromQuery[int] = 20,
-    search: FromQuery[str | None] = None,
-    model: FromQuery[str | None] = None,
-) -> Gallery:
-    services = _services(request)
-    owner = require_owner(services.keyring, request)
-    return await services.images.gallery(owner, page=page, limit=limit, search=search, model=model)
-
-
 cyberimage_router = Router(
     path="/api",
-    route_handlers=[status, get_image, image_metadata, delete_image, gallery],
+    route_handlers=[status, get_image],
     tags=["CyberImage (seed 003)"],
 )

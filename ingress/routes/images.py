@@ -29,7 +29,10 @@ def jpeg(data: bytes) -> Response[bytes]:
     return Response(data, media_type="image/jpeg", headers=_PRIVATE_CACHE)
 
 
-@get("/images", summary="The caller's gallery: newest first, search over prompt and model")
+# The second path of a handler is CyberImage's (seed 003) name for the same thing.
+
+
+@get(["/images", "/gallery"], summary="The caller's gallery: newest first, search over prompt and model")
 async def gallery(
     request: Request[Any, Any, Any],
     page: FromQuery[int] = 1,
@@ -62,14 +65,18 @@ async def thumbnail(request: Request[Any, Any, Any], filename: FromPath[str]) ->
     return jpeg(await services.images.thumbnail(image))
 
 
-@get("/images/{filename:str}/metadata", summary="How the image was made")
+@get(["/images/{filename:str}/metadata", "/image/{filename:str}/metadata"], summary="How the image was made")
 async def metadata(request: Request[Any, Any, Any], filename: FromPath[str]) -> ImageMetadata:
     services = _services(request)
     owner = require_owner(services.keyring, request)
     return await services.images.metadata(image_id_from_filename(filename), owner)
 
 
-@delete("/images/{filename:str}", status_code=200, summary="Delete the image from storage and gallery now")
+@delete(
+    ["/images/{filename:str}", "/image/{filename:str}"],
+    status_code=200,
+    summary="Delete the image from storage and gallery now",
+)
 async def delete_image(request: Request[Any, Any, Any], filename: FromPath[str]) -> Deleted:
     services = _services(request)
     owner = require_owner(services.keyring, request)

@@ -19,7 +19,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from ingress.auth import require_owner
 from ingress.services import Services
-from projector.apply import ImageRow, ImageState
+from projector.apply import stored_row
 from projector.queries import GalleryRecord
 from projector.readside import JobRecord
 from schemas import (
@@ -81,30 +81,12 @@ async def _gallery_stream(services: Services, owner: str) -> AsyncIterator[Serve
                 params = jobs[event.job_id]
                 if params is None:
                     continue
-                item = services.images.gallery_image(GalleryRecord(_image_row(event, owner), params))
+                item = services.images.gallery_image(GalleryRecord(stored_row(event, owner), params))
                 yield _message(item.model_dump(mode="json"), event.message_id)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-
-
-def _image_row(event: ImageStored, owner: str) -> ImageRow:
-    return ImageRow(
-        id=event.image_id,
-        job_id=event.job_id,
-        owner=owner,
-        index=event.index,
-        object_key=event.object_key,
-        content_type=event.content_type,
-        width=event.width,
-        height=event.height,
-        size_bytes=event.size_bytes,
-        seed=event.seed,
-        created_at=event.occurred_at,
-        expires_at=event.expires_at,
-        state=ImageState.AVAILABLE,
-    )
 
 
 @get("/sse/{job_id:str}", summary="Live progress of a job (Server-Sent Events)")
