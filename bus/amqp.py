@@ -124,7 +124,7 @@ class AmqpBus:
     # --- publishing ---------------------------------------------------------------------------
 
     async def publish_command(self, command: GenerateImage) -> None:
-        backend = checked_token(command.backend, "backend")
+        backend = checked_token(command.queue, "queue")
         if backend not in self._command_queues:
             # Declared here too, so commands published before any worker started are kept.
             await declare_command_queue(self._channel, self._names, self.options, backend)

@@ -63,7 +63,7 @@ class Bus(Protocol):
     async def close(self) -> None: ...
 
     async def publish_command(self, command: GenerateImage) -> None:
-        """Durably enqueue for ``command.backend``; de-duplicated on ``command.message_id``."""
+        """Durably enqueue on ``command.queue`` (its pool, else its backend); de-duplicated on ``command.message_id``."""
 
     async def publish_event(self, event: Event) -> None:
         """Durably append to the event log (confirmed before returning)."""

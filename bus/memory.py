@@ -80,7 +80,7 @@ class MemoryBus:
         return None
 
     async def publish_command(self, command: GenerateImage) -> None:
-        self._broker.queue(checked_token(command.backend, "backend")).put(command)
+        self._broker.queue(checked_token(command.queue, "queue")).put(command)
 
     async def publish_event(self, event: Event) -> None:
         self._broker.append_event(event)

@@ -153,7 +153,7 @@ class NatsBus:
     # --- publishing ---------------------------------------------------------------------------
 
     async def publish_command(self, command: GenerateImage) -> None:
-        subject = self._names.cmd_subject(checked_token(command.backend, "backend"))
+        subject = self._names.cmd_subject(checked_token(command.queue, "queue"))
         await self._js.publish(
             subject,
             encode(command),

@@ -144,7 +144,9 @@ class JobService:
         except Exception as exc:
             log.error("publish_failed", error=str(exc))
             raise ApiError(503, "the message bus is unavailable; nothing was queued, try again") from exc
-        command = GenerateImage(job_id=job_id, message_id=job_id, owner=owner, backend=spec.backend, params=params)
+        command = GenerateImage(
+            job_id=job_id, message_id=job_id, owner=owner, backend=spec.backend, pool=spec.pool, params=params
+        )
         # Read-your-writes: the row the projector will write anyway, written now, while the command
         # is already on its way to a worker (the row is insert-if-absent, so order does not matter).
         enqueued, recorded = await asyncio.gather(

@@ -8,7 +8,7 @@ import structlog
 
 from bus import Bus
 from projector.readside import ReadModel
-from schemas import GenerateImage, JobRequeued, JobStatus, new_id
+from schemas import Catalog, GenerateImage, JobRequeued, JobStatus, new_id
 from schemas.api import QueueStats, ResetResult, StatusCounts
 
 log = structlog.get_logger(__name__)
@@ -40,7 +40,7 @@ async def queue_stats(read_model: ReadModel, *, detailed: bool) -> QueueStats:
     )
 
 
-async def reset_stalled(bus: Bus, read_model: ReadModel, *, stall_after_s: float) -> ResetResult:
+async def reset_stalled(bus: Bus, read_model: ReadModel, catalog: Catalog, *, stall_after_s: float) -> ResetResult:
     """Every processing job quiet for ``stall_after_s``: pending again, its command published anew.
 
     The event goes first, so the read model shows the job pending before a worker can start it.
@@ -50,9 +50,17 @@ async def reset_stalled(bus: Bus, read_model: ReadModel, *, stall_after_s: float
     for job in stalled:
         reason = f"no progress for {stall_after_s:.0f} s; reset by an admin"
         await bus.publish_event(JobRequeued(job_id=job.id, reason=reason))
+        spec = catalog.models.get(job.params.model)
         # A new message id: the original id may still sit in the bus's de-duplication window.
         await bus.publish_command(
-            GenerateImage(job_id=job.id, message_id=new_id(), owner=job.owner, backend=job.backend, params=job.params)
+            GenerateImage(
+                job_id=job.id,
+                message_id=new_id(),
+                owner=job.owner,
+                backend=job.backend,
+                pool=spec.pool if spec is not None else None,
+                params=job.params,
+            )
         )
         log.info("job_requeued", job_id=job.id)
     count = len(stalled)

@@ -1,7 +1,7 @@
 """The contract every imagebus role speaks: commands, events, API shapes, the status enum."""
 
 from schemas.api import ErrorResponse, GenerateRequest, ImageView, JobAccepted, JobView
-from schemas.catalog import Catalog, LoraSpec, ModelSpec
+from schemas.catalog import Catalog, LoraSpec, ModelFamily, ModelSpec, RemoteEndpoint
 from schemas.messages import (
     SCHEMA_VERSION,
     CancelJob,
@@ -55,7 +55,9 @@ __all__ = [
     "LoraRequest",
     "LoraSpec",
     "Message",
+    "ModelFamily",
     "ModelSpec",
+    "RemoteEndpoint",
     "decode_command",
     "decode_control",
     "decode_event",

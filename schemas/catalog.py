@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Latent spaces the diffusers backend knows (previews, prompt weighting); "other" gets the generic path.
+ModelFamily = Literal["sd", "sdxl", "sd3", "flux", "other"]
 
 
 class ModelSpec(BaseModel):
@@ -11,9 +16,24 @@ class ModelSpec(BaseModel):
     id: str
     description: str
     backend: str = "diffusers"
-    # A hub id ("stabilityai/sd-turbo"), a local folder, or "builtin:<name>" for the offline tiny pipelines.
+    # The command queue this model's jobs go to; None means the backend's shared queue. Models with
+    # a pool of their own are served only by workers started for that pool (``--pool``), so a pool
+    # per model (or per family) is a catalog change. Pools never overlap: each model names one.
+    pool: str | None = None
+    # diffusers: a hub id ("stabilityai/sd-turbo"), a local folder, or "builtin:<name>" for the
+    # offline tiny pipelines. remote: the model name sent to the endpoint. browser: unused.
     source: str
     random_weights: bool = False
+    family: ModelFamily = "sd"
+    # diffusers pipeline class ("FluxPipeline"); None lets AutoPipelineForText2Image pick it.
+    pipeline: str | None = None
+    # Weight file variant on the hub ("fp16"), where the repository has one.
+    variant: str | None = None
+    # Resident size estimate, for the worker's model-cache budget before the first load measures it.
+    memory_gb: float | None = None
+    # remote: which catalog endpoint serves it. browser: which site profile drives it.
+    endpoint: str | None = None
+    site: str | None = None
     default_width: int = 512
     default_height: int = 512
     max_width: int = 1024
@@ -24,6 +44,38 @@ class ModelSpec(BaseModel):
     max_images: int = 8
     supports_negative_prompt: bool = True
     supports_lora: bool = False
+    # Distilled models (turbo, schnell) ignore guidance; a non-default value is refused at ingress.
+    supports_guidance: bool = True
+
+    @property
+    def queue(self) -> str:
+        return self.pool or self.backend
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> ModelSpec:
+        if self.backend == "remote" and not self.endpoint:
+            raise ValueError(f"remote model {self.id!r} needs an endpoint")
+        if self.backend == "browser" and not self.site:
+            raise ValueError(f"browser model {self.id!r} needs a site")
+        return self
+
+
+class RemoteEndpoint(BaseModel):
+    """A hosted image API the remote backend calls. Its token comes from the worker's secrets."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    # "openai": POST {url} with a JSON body, answers b64_json or url. "chutes": POST {url} with a
+    # JSON body, answers the image bytes.
+    kind: Literal["openai", "chutes"]
+    url: str
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    # Requests in flight at once, across every job of one worker (the Chutes proxy allowed 10).
+    concurrency: int = Field(default=10, ge=1, le=256)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=3, ge=0, le=10)
+    max_image_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
 
 
 class LoraSpec(BaseModel):
@@ -53,6 +105,22 @@ class Catalog(BaseModel):
     default: str
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     loras: dict[str, LoraSpec] = Field(default_factory=dict)
+    endpoints: dict[str, RemoteEndpoint] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references(self) -> Catalog:
+        for spec in self.models.values():
+            if spec.endpoint is not None and spec.backend == "remote" and spec.endpoint not in self.endpoints:
+                raise ValueError(f"model {spec.id!r} names endpoint {spec.endpoint!r}, which the catalog lacks")
+        pools: dict[str, str] = {}
+        for spec in self.models.values():
+            if pools.setdefault(spec.queue, spec.backend) != spec.backend:
+                raise ValueError(f"pool {spec.queue!r} holds models of two backends")
+        return self
+
+    def models_in(self, queue: str) -> list[ModelSpec]:
+        """The models whose jobs go to ``queue``."""
+        return [spec for spec in self.models.values() if spec.queue == queue]
 
     def get(self, model_id: str | None) -> ModelSpec | None:
         return self.models.get(model_id or self.default)

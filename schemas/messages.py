@@ -77,12 +77,19 @@ class GenerationParams(BaseModel):
 
 
 class GenerateImage(Message):
-    """Work-queue command: exactly one worker of ``backend`` takes it."""
+    """Work-queue command: exactly one worker of ``backend`` (of ``pool``, when set) takes it."""
 
     type: Literal["GenerateImage"] = "GenerateImage"
     owner: str
     backend: str
     params: GenerationParams
+    # The catalog pool of the model, when it has one (workers pinned to some models).
+    pool: str | None = None
+
+    @property
+    def queue(self) -> str:
+        """The work queue it goes to: the pool's, else the backend's."""
+        return self.pool or self.backend
 
 
 class CancelJob(Message):

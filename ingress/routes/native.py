@@ -108,7 +108,9 @@ async def queue(request: Request[Any, Any, Any], detailed: FromQuery[bool] = Fal
 async def reset_queue(request: Request[Any, Any, Any]) -> ResetResult:
     services = services_of(request)
     require_admin(services.keyring, request)
-    return await reset_stalled(services.bus, services.read_model, stall_after_s=services.config.stall_after_s)
+    return await reset_stalled(
+        services.bus, services.read_model, services.config.catalog, stall_after_s=services.config.stall_after_s
+    )
 
 
 @post("/enrich", status_code=200, summary="Enrich a prompt in a style (templates, or a configured chat model)")
