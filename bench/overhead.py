@@ -36,7 +36,7 @@ from bus import Bus, BusOptions, connect_bus
 from imagebus.catalog import load_catalog
 from imagebus.process import free_port
 from schemas import GenerationParams, JobFailed, JobSucceeded
-from workers.backends.base import CancelToken
+from workers.backends.base import JobRequest
 from workers.backends.diffusers import DiffusersBackend
 
 BODY = {"prompt": "a red fox in snow", "width": 64, "height": 64, "num_inference_steps": 4, "num_images": 1}
@@ -51,15 +51,17 @@ class DirectCall:
     """The same tiny pipeline, called in this process without imagebus."""
 
     def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
         self.backend = DiffusersBackend(load_catalog())
-        self.backend.prepare("tiny-sd")
+        self.loop.run_until_complete(self.backend.prepare("tiny-sd"))
         self.params = GenerationParams(model="tiny-sd", guidance_scale=7.5, **BODY)
         for _ in range(3):
             self.once()
 
     def once(self) -> float:
         start = time.perf_counter()
-        self.backend.generate(self.params, lambda _p: None, CancelToken())
+        job = JobRequest(job_id="bench", params=self.params, on_progress=lambda _p: None)
+        self.loop.run_until_complete(self.backend.generate(job))
         return time.perf_counter() - start
 
 

@@ -10,6 +10,7 @@ import uuid
 from contextlib import suppress
 
 import structlog
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import APIError
@@ -22,6 +23,8 @@ log = structlog.get_logger(__name__)
 # request left behind on the server by a cancelled fetch expires soon.
 _FETCH_WAIT_S = 5.0
 _MIN_FETCH_WAIT_S = 0.01
+# How long a stopping consumer waits for redeliveries already on their way to its open pull request.
+_STRAGGLER_GRACE_S = 0.05
 _EVENT_BATCH = 256
 # The server deletes a reader's ephemeral consumer after this long without pulls (a crashed reader).
 _READER_INACTIVE_S = 60.0
@@ -124,6 +127,31 @@ def _fetch_wait(deadline: float | None) -> float | None:
         return _FETCH_WAIT_S
     left = deadline - asyncio.get_running_loop().time()
     return min(left, _FETCH_WAIT_S) if left >= _MIN_FETCH_WAIT_S else None
+
+
+async def nak_stragglers(sub: JetStreamContext.PullSubscription, nc: NATS) -> int:
+    """Hand back commands that reached a pull request we stopped waiting for.
+
+    A worker that stops while a fetch is outstanding leaves that pull request open on the server
+    until it expires; a command handed back meanwhile (by this very worker, draining) is delivered
+    into it. Unsubscribing would drop it until ack_wait ran out; naking it makes it available now.
+    nats-py exposes the subscription's pending messages only through its private ``_sub``.
+    """
+    await asyncio.sleep(_STRAGGLER_GRACE_S)
+    with suppress(Exception):
+        await nc.flush()
+    handed_back = 0
+    inner = getattr(sub, "_sub", None)
+    while inner is not None and sub.pending_msgs > 0:
+        try:
+            msg = await inner.next_msg(timeout=0.01)
+        except Exception:
+            break
+        if msg.reply and msg.reply.startswith("$JS.ACK."):
+            with suppress(Exception):
+                await msg.nak()
+                handed_back += 1
+    return handed_back
 
 
 async def unsubscribe(sub: JetStreamContext.PullSubscription) -> None:

@@ -152,14 +152,14 @@ class AmqpBus:
 
     @asynccontextmanager
     async def consume_commands(
-        self, backend: str, *, idle_timeout_s: float | None = None
+        self, backend: str, *, idle_timeout_s: float | None = None, prefetch: int = 1
     ) -> AsyncIterator[AsyncIterator[CommandDelivery]]:
         backend = checked_token(backend, "backend")
         # A channel of our own: prefetch is per channel, and closing it hands back what we hold.
         channel = await self._connection.channel(publisher_confirms=False)
         delays: set[asyncio.Task[None]] = set()
         try:
-            await channel.set_qos(prefetch_count=1)
+            await channel.set_qos(prefetch_count=max(1, prefetch))
             queue = await declare_command_queue(channel, self._names, self.options, backend)
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
             await queue.consume(inbox.put)

@@ -63,7 +63,7 @@ class Bus(Protocol):
     async def close(self) -> None: ...
 
     async def publish_command(self, command: GenerateImage) -> None:
-        """Durably enqueue on ``command.queue`` (its pool, else its backend); de-duplicated on ``command.message_id``."""
+        """Durably enqueue on ``command.queue`` (pool, else backend); de-duplicated on ``command.message_id``."""
 
     async def publish_event(self, event: Event) -> None:
         """Durably append to the event log (confirmed before returning)."""
@@ -72,10 +72,12 @@ class Bus(Protocol):
         """Broadcast to the live workers of ``control.backend``; not stored."""
 
     def consume_commands(
-        self, backend: str, *, idle_timeout_s: float | None = None
+        self, backend: str, *, idle_timeout_s: float | None = None, prefetch: int = 1
     ) -> AbstractAsyncContextManager[AsyncIterator[CommandDelivery]]:
-        """Work-queue consumption for one backend, one delivery at a time.
+        """Work-queue consumption for one queue (a backend's, or a catalog pool's).
 
+        ``backend`` names the queue. Deliveries come one at a time; the caller may hold up to
+        ``prefetch`` unsettled at once (a worker running several jobs, or gathering a batch).
         With ``idle_timeout_s`` the iterator ends after that long without a delivery
         (burst mode for tests and benchmarks); otherwise it runs until the context exits.
         """

@@ -90,7 +90,7 @@ class MemoryBus:
 
     @asynccontextmanager
     async def consume_commands(
-        self, backend: str, *, idle_timeout_s: float | None = None
+        self, backend: str, *, idle_timeout_s: float | None = None, prefetch: int = 1
     ) -> AsyncIterator[AsyncIterator[CommandDelivery]]:
         queue = self._broker.queue(checked_token(backend, "backend"))
         unsettled: list[_MemoryDelivery] = []

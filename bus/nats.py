@@ -21,7 +21,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from bus._decoding import decoded_or_none
 from bus._delivery import SettleOnce
 from bus._names import NatsNames, checked_token
-from bus._nats_pull import EventReader, pull_one, unsubscribe
+from bus._nats_pull import EventReader, nak_stragglers, pull_one, unsubscribe
 from bus.base import BusOptions, CommandDelivery, LoggedEvent
 from schemas import CancelJob, Event, GenerateImage, decode_command, decode_control, decode_event, encode
 
@@ -29,7 +29,7 @@ log = structlog.get_logger(__name__)
 
 _DUPLICATE_WINDOW_S = 120.0
 _CONNECT_TIMEOUT_S = 10.0
-# Every worker holds at most one command, so this only has to exceed the number of workers.
+# Commands held across all workers at once (each holds up to its prefetch); a bound, not a target.
 _MAX_ACK_PENDING = 10_000
 # JetStream error code: "stream name already in use with a different configuration".
 _STREAM_NAME_IN_USE = 10058
@@ -178,7 +178,7 @@ class NatsBus:
 
     @asynccontextmanager
     async def consume_commands(
-        self, backend: str, *, idle_timeout_s: float | None = None
+        self, backend: str, *, idle_timeout_s: float | None = None, prefetch: int = 1
     ) -> AsyncIterator[AsyncIterator[CommandDelivery]]:
         consumer = self._names.worker_consumer(checked_token(backend, "backend"))
         # Create or update, so changed options (ack wait, max deliveries) reach an existing consumer.
@@ -217,6 +217,7 @@ class NatsBus:
                 if not delivery.settled:
                     with suppress(Exception):
                         await delivery.nak()
+            await nak_stragglers(sub, self._nc)
             await unsubscribe(sub)
 
     async def command_backlog(self, backend: str) -> int:

@@ -63,8 +63,15 @@ async def _connect(settings: _BusMixin) -> Bus:
 
 
 def build_backend(name: str, catalog: Catalog, settings: WorkerSettings) -> Backend:
+    """The backend a worker runs, restricted to its pool's models when it serves a pool."""
+    queue = settings.pool or name
+    served = [spec.id for spec in catalog.models_in(queue)]
+    if settings.pool is not None and not served:
+        raise SystemExit(f"pool {settings.pool!r} has no models in the catalog")
+    if any(catalog.models[model].backend != name for model in served):
+        raise SystemExit(f"pool {queue!r} belongs to another backend than {name!r}")
     if name == "diffusers":
-        from workers.backends.diffusers import DiffusersBackend
+        from workers.backends.diffusers import DiffusersBackend, DiffusersOptions
 
         if settings.torch_threads:
             import torch
@@ -73,11 +80,27 @@ def build_backend(name: str, catalog: Catalog, settings: WorkerSettings) -> Back
 
         return DiffusersBackend(
             catalog,
-            device=settings.device,
-            dtype=settings.dtype,
-            preview_interval_s=settings.preview_interval_s,
+            DiffusersOptions(
+                device=settings.device,
+                dtype=settings.dtype,
+                preview_interval_s=settings.preview_interval_s,
+                cache_budget_gb=settings.cache_budget_gb,
+                max_loaded_models=settings.max_loaded_models,
+                max_batch_images=settings.max_batch_images,
+                models=served if settings.pool is not None else None,
+                cpu_offload=settings.cpu_offload,
+                lora_cache_dir=settings.lora_cache_dir,
+            ),
         )
-    raise SystemExit(f"unknown backend {name!r}; available: diffusers")
+    raise SystemExit(f"unknown backend {name!r}; available: diffusers, remote, browser")
+
+
+def preload_models(catalog: Catalog, settings: WorkerSettings) -> list[str]:
+    """A pool's models (its reason to exist), else the catalog default if it is this backend's."""
+    if settings.pool is not None:
+        return [spec.id for spec in catalog.models_in(settings.pool)]
+    default = catalog.get(None)
+    return [default.id] if default is not None and default.queue == settings.backend else []
 
 
 async def run_worker(settings: WorkerSettings) -> None:
@@ -99,14 +122,14 @@ async def run_worker(settings: WorkerSettings) -> None:
             heartbeat_interval_s=max(settings.ack_wait_s / 3, 0.5),
             max_deliveries=settings.max_deliveries,
             shutdown_grace_s=settings.shutdown_grace_s,
+            queue=settings.pool,
         ),
     )
     try:
         stop = stop_on_signals()
-        default = catalog.get(None)
-        if settings.preload and default is not None and default.backend == settings.backend:
-            await worker.prepare([default.id])
-        log.info("worker_ready", worker_id=worker_id, backend=settings.backend)
+        if settings.preload:
+            await worker.prepare(preload_models(catalog, settings))
+        log.info("worker_ready", worker_id=worker_id, backend=settings.backend, queue=settings.pool or settings.backend)
         await worker.run(stop=stop)
     finally:
         await bus.close()

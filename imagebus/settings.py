@@ -52,6 +52,10 @@ class _CatalogMixin(BaseSettings):
     catalog_path: Path | None = _common("CATALOG", None)
     # A model id to make the default (e.g. "sd-turbo"), or a hub id / local folder to add as "custom".
     default_model: str | None = _common("MODEL", None)
+    # A folder of LoRA .safetensors files (with optional <stem>.json sidecars and preview images),
+    # added to the catalog's LoRAs; and/or "bucket/prefix" in the S3 store holding the same layout.
+    lora_dir: Path | None = _common("LORA_DIR", None)
+    lora_bucket: str | None = _common("LORA_BUCKET", None)
 
 
 class IngressSettings(_RoleSettings, _BusMixin, _S3Mixin, _DatabaseMixin, _CatalogMixin):
@@ -97,6 +101,28 @@ class WorkerSettings(_RoleSettings, _BusMixin, _S3Mixin, _CatalogMixin):
     torch_threads: int | None = None
     # Models to load before taking work, so the first job does not pay for loading.
     preload: bool = True
+    # The catalog pool this worker serves (its models only); unset: the backend's shared queue.
+    pool: str | None = None
+    # diffusers: memory for resident pipelines (GiB; unset: 80 % of the card, half the RAM on CPU),
+    # a cap on their number, images per batched pipeline call (1: no dynamic batching), and CPU
+    # offload of idle submodules for models bigger than the card.
+    cache_budget_gb: float | None = None
+    max_loaded_models: int | None = None
+    max_batch_images: int = 4
+    cpu_offload: bool = False
+    # Where LoRAs held in a bucket are cached on local disk.
+    lora_cache_dir: Path | None = None
+    # remote: API tokens by catalog endpoint id, as JSON ({"openai": "sk-..."}); jobs at once
+    # (unset: the sum of the endpoints' concurrency caps).
+    remote_tokens: dict[str, SecretStr] = Field(default_factory=dict)
+    remote_concurrency: int | None = None
+    # browser: the Chromium binary, pages (jobs) at once, site profiles (unset: the shipped ones),
+    # signed-in session files (<site>.json, Playwright storage state), headless or not.
+    browser_executable: str = "/usr/bin/chromium"
+    browser_pages: int = 2
+    sites_dir: Path | None = None
+    storage_state_dir: Path | None = None
+    headless: bool = True
 
 
 class ProjectorSettings(_RoleSettings, _BusMixin, _DatabaseMixin):

@@ -30,7 +30,14 @@ from schemas import (
     JobSucceeded,
 )
 from storage.object_store import ObjectStore
-from workers.backends.base import CancelToken, GeneratedImage, Progress, ProgressCallback, RetryableError
+from workers.backends.base import (
+    CancelToken,
+    GeneratedImage,
+    JobRequest,
+    Progress,
+    ProgressCallback,
+    RetryableError,
+)
 from workers.runtime import Worker, WorkerOptions
 
 
@@ -47,6 +54,8 @@ class ScriptedBackend:
     """
 
     name = "scripted"
+    concurrency = 1
+    max_batch_images = 1
 
     def __init__(
         self,
@@ -65,10 +74,26 @@ class ScriptedBackend:
         self.calls = 0
         self.started = threading.Event()
 
-    def prepare(self, model: str) -> None:
+    async def prepare(self, model: str) -> None:
         pass
 
-    def generate(
+    async def generate(self, job: JobRequest) -> list[GeneratedImage]:
+        # The blocking part on a thread, as real backends do, so cancels and heartbeats get through.
+        return await asyncio.to_thread(self._generate, job.params, job.on_progress, job.cancel)
+
+    def batch_key(self, params: GenerationParams) -> None:
+        return None
+
+    async def generate_batch(self, jobs: list[JobRequest]) -> list[list[GeneratedImage] | BaseException]:
+        raise NotImplementedError
+
+    async def site_quota(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        pass
+
+    def _generate(
         self, params: GenerationParams, on_progress: ProgressCallback, cancel: CancelToken
     ) -> list[GeneratedImage]:
         self.calls += 1
@@ -81,7 +106,7 @@ class ScriptedBackend:
             time.sleep(self.step_s)
             cancel.raise_if_canceled()
             on_progress(Progress(step=step, total_steps=self.steps))
-        return [GeneratedImage(_png(), "image/png", 8, 8, seed=i) for i in range(params.num_images)]
+        return [GeneratedImage.from_bytes(_png(), "image/png", 8, 8, seed=i) for i in range(params.num_images)]
 
 
 def _command(num_images: int = 1) -> GenerateImage:
@@ -203,5 +228,8 @@ async def test_sigterm_hands_a_long_job_back_to_another_worker(worker_bus: Bus, 
 
     await _worker(worker_bus, object_store, ScriptedBackend(), worker_id="w2").run(idle_timeout_s=1.0)
     events = await _events(worker_bus, command.job_id)
-    assert [(e.worker_id, e.attempt) for e in events if isinstance(e, JobStarted)] == [("w", 1), ("w2", 2)]
+    started = [(e.worker_id, e.attempt) for e in events if isinstance(e, JobStarted)]
+    # Attempt 3 on NATS when the hand-back landed in the stopping worker's open pull request first
+    # (it naks it on the way out: one more delivery counted, none lost).
+    assert started[0] == ("w", 1) and started[1:] in ([("w2", 2)], [("w2", 3)]), started
     assert sum(isinstance(e, JobSucceeded) for e in events) == 1

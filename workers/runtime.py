@@ -1,19 +1,20 @@
-"""The worker runtime: take GenerateImage commands for one backend, run them, settle each once.
+"""The worker runtime: take GenerateImage commands for one queue, run them, settle each once.
 
-``handle`` runs a delivery to an Outcome; ``settle`` is the one place that emits the terminal
-event and acks, naks or hands back. Heartbeats keep long jobs from being redelivered, a cancel
-token stops a job between steps, and SIGTERM drains (finish or hand back) within a grace period.
+Deliveries are *held* (read from the bus, heartbeated) until settled. The dispatcher starts up to
+``backend.concurrency`` runs at once; a run is one job, or several compatible jobs in one batch when
+the backend batches (``max_batch_images`` > 1, equal ``batch_key``). ``settle`` is the one place that
+emits the terminal event and acks, naks or hands back. A cancel token stops a job between steps
+(a canceled batch member is settled at once, its batch-mates go on), and SIGTERM drains (finish or
+hand back) within a grace period.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Hashable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -30,7 +31,14 @@ from schemas import (
     image_id_for,
 )
 from storage.object_store import ObjectStore
-from workers.backends.base import Backend, CancelToken, GenerationCanceled, RetryableError
+from workers.backends.base import (
+    Backend,
+    CancelToken,
+    GeneratedImage,
+    GenerationCanceled,
+    JobRequest,
+    RetryableError,
+)
 from workers.outcomes import Canceled, Failed, HandBack, Outcome, Retry, Succeeded
 from workers.progress import ProgressPublisher
 
@@ -46,6 +54,24 @@ class WorkerOptions:
     heartbeat_interval_s: float = 10.0
     max_deliveries: int = 5
     shutdown_grace_s: float = 25.0
+    # The work queue: a catalog pool, or None for the backend's shared queue.
+    queue: str | None = None
+    # How long the first job of a would-be batch waits for batch-mates already on their way.
+    batch_linger_s: float = 0.05
+
+
+@dataclass(eq=False)
+class _Held:
+    """A delivery this worker holds: waiting for a slot, or running."""
+
+    delivery: CommandDelivery
+    held_at: float
+    token: CancelToken = field(default_factory=CancelToken)
+    settled: bool = False
+
+    @property
+    def command(self) -> GenerateImage:
+        return self.delivery.command
 
 
 class Worker:
@@ -54,149 +80,338 @@ class Worker:
         self._store = store
         self._backend = backend
         self._options = options
-        # One thread: the backend (torch) runs one job at a time and keeps its state on that thread.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{backend.name}-backend")
-        self._running: dict[str, CancelToken] = {}
+        self._queue = options.queue or backend.name
+        self._concurrency = max(1, backend.concurrency)
+        self._batch_images = max(1, backend.max_batch_images)
+        # Held at most: every slot busy plus one full batch waiting, so a batch is ready when a slot frees.
+        self._capacity = (self._concurrency + 1) * self._batch_images
+        self._held: dict[str, _Held] = {}
+        self._waiting: list[_Held] = []
+        self._runs: set[asyncio.Task[None]] = set()
+        # Settlements of canceled batch members, made while their batch runs on.
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._linger: asyncio.TimerHandle | None = None
+        self._room = asyncio.Event()
+        self._room.set()
         # Cancels that arrived before their job did (bounded: only recent ones matter).
         self._canceled_early: OrderedDict[str, str] = OrderedDict()
-        self._in_flight: asyncio.Future[None] | None = None
         self.handled = 0
 
     async def prepare(self, models: list[str]) -> None:
-        loop = asyncio.get_running_loop()
         for model in models:
-            await loop.run_in_executor(self._executor, self._backend.prepare, model)
+            await self._backend.prepare(model)
 
     async def run(self, *, stop: asyncio.Event | None = None, idle_timeout_s: float | None = None) -> int:
         """Consume until ``stop`` is set (draining gracefully) or, in burst mode, until idle."""
         stop = stop or asyncio.Event()
         async with self._bus.watch_control(self._backend.name) as controls:
             control_task = asyncio.create_task(self._follow_controls(controls))
-            consume_task = asyncio.create_task(self._consume(stop, idle_timeout_s))
-            stop_task = asyncio.create_task(stop.wait())
+            heartbeat_task = asyncio.create_task(self._heartbeat())
             try:
-                await asyncio.wait({consume_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-                if not consume_task.done():
-                    await self._drain(consume_task)
-                await consume_task
+                while await self._consume(stop, idle_timeout_s) and idle_timeout_s is not None:
+                    pass  # burst mode: go on while the last session found work
             finally:
-                for task in (control_task, stop_task, consume_task):
+                for task in (control_task, heartbeat_task):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._backend.close()
         return self.handled
 
-    async def _consume(self, stop: asyncio.Event, idle_timeout_s: float | None) -> None:
-        consume = self._bus.consume_commands(self._backend.name, idle_timeout_s=idle_timeout_s)
-        async with consume as deliveries:
-            async for delivery in deliveries:
-                if stop.is_set():
-                    await delivery.nak()
-                    return
-                self._in_flight = asyncio.ensure_future(self._process(delivery))
-                # Shielded: a shutdown cancels the wait for the next delivery, never a job in flight.
-                await asyncio.shield(self._in_flight)
-                if stop.is_set():
-                    return
+    # --- consuming --------------------------------------------------------------------------
 
-    async def _drain(self, consume_task: asyncio.Task[None]) -> None:
-        """On stop: let the job in flight finish within the grace period, else cancel it (handed back)."""
-        in_flight = self._in_flight
-        if in_flight is not None and not in_flight.done():
-            log.info("draining", in_flight=list(self._running), grace_s=self._options.shutdown_grace_s)
-            done, _ = await asyncio.wait({in_flight}, timeout=self._options.shutdown_grace_s)
-            if not done:
-                for token in self._running.values():
-                    token.cancel(_SHUTDOWN)
-                await asyncio.wait({in_flight}, timeout=self._options.shutdown_grace_s)
-        consume_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await consume_task
+    async def _consume(self, stop: asyncio.Event, idle_timeout_s: float | None) -> bool:
+        """One consumer session; True when it received anything. Every held delivery is settled
+        before the session ends, since closing the consumer hands back whatever is unsettled."""
+        received = False
+        consume = self._bus.consume_commands(self._queue, idle_timeout_s=idle_timeout_s, prefetch=self._capacity)
+        async with consume as deliveries:
+            iterator = aiter(deliveries)
+            stop_wait = asyncio.create_task(stop.wait())
+            try:
+                while not stop.is_set():
+                    if not self._room.is_set():
+                        room = asyncio.create_task(self._room.wait())
+                        await asyncio.wait({room, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                        room.cancel()
+                        continue
+                    next_delivery = asyncio.ensure_future(anext(iterator, None))
+                    await asyncio.wait({next_delivery, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    if not next_delivery.done():
+                        # Stopping: abandon the wait for the next delivery, never a job in flight.
+                        next_delivery.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                            await next_delivery
+                        break
+                    delivery = next_delivery.result()
+                    if delivery is None:
+                        break  # idle (burst mode) or the consumer closed
+                    received = True
+                    if stop.is_set():
+                        await delivery.nak()
+                        break
+                    self._hold(delivery)
+                if stop.is_set():
+                    await self._drain()
+                else:
+                    await self._finish_runs()
+            finally:
+                stop_wait.cancel()
+        return received
+
+    def _hold(self, delivery: CommandDelivery) -> None:
+        held = _Held(delivery, asyncio.get_running_loop().time())
+        self._held[delivery.command.job_id] = held
+        self._waiting.append(held)
+        self._update_room()
+        self._dispatch()
+
+    def _update_room(self) -> None:
+        if len(self._held) < self._capacity:
+            self._room.set()
+        else:
+            self._room.clear()
+
+    def _dispatch(self, *, linger: bool = True) -> None:
+        while self._waiting and len(self._runs) < self._concurrency:
+            if linger and self._should_linger():
+                return
+            members = self._take_batch()
+            task = asyncio.create_task(self._run_batch(members))
+            self._runs.add(task)
+            task.add_done_callback(self._run_done)
+
+    def _run_done(self, task: asyncio.Task[None]) -> None:
+        self._runs.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("run_crashed", error=repr(error))
+        self._dispatch()
+
+    def _should_linger(self) -> bool:
+        """Hold a batchable job back briefly when its batch-mates may be a few milliseconds away
+        (commands published together reach us one by one); schedules the retry itself."""
+        first = self._waiting[0]
+        if self._batch_key(first.command) is None or self._options.batch_linger_s <= 0:
+            return False
+        loop = asyncio.get_running_loop()
+        remaining = first.held_at + self._options.batch_linger_s - loop.time()
+        if remaining <= 0 or len(self._held) >= self._capacity:
+            return False
+        if self._linger is None or self._linger.cancelled() or self._linger.when() <= loop.time():
+            self._linger = loop.call_later(remaining, self._dispatch)
+        return True
+
+    def _take_batch(self) -> list[_Held]:
+        """The oldest waiting job, plus the waiting jobs the backend can run in the same call."""
+        first = self._waiting.pop(0)
+        members = [first]
+        key = self._batch_key(first.command)
+        if key is None:
+            return members
+        images = first.command.params.num_images
+        for held in list(self._waiting):
+            wanted = held.command.params.num_images
+            if images + wanted > self._batch_images:
+                continue
+            if held.command.job_id not in self._canceled_early and self._batch_key(held.command) == key:
+                self._waiting.remove(held)
+                members.append(held)
+                images += wanted
+        return members
+
+    def _batch_key(self, command: GenerateImage) -> Hashable | None:
+        if self._batch_images <= 1 or command.params.num_images >= self._batch_images:
+            return None
+        return self._backend.batch_key(command.params)
+
+    async def _finish_runs(self) -> None:
+        while self._runs or self._waiting or self._side_tasks:
+            if self._runs or self._side_tasks:
+                await asyncio.wait(self._runs | self._side_tasks)
+            else:
+                self._dispatch(linger=False)
+
+    async def _drain(self) -> None:
+        """On stop: waiting jobs go back at once; running ones finish within the grace period, else
+        they are canceled and handed back."""
+        for held in self._waiting:
+            await self.settle(held, HandBack())
+        self._waiting.clear()
+        if not self._runs:
+            return
+        log.info("draining", in_flight=list(self._held), grace_s=self._options.shutdown_grace_s)
+        _, pending = await asyncio.wait(set(self._runs), timeout=self._options.shutdown_grace_s)
+        if pending:
+            for held in self._held.values():
+                held.token.cancel(_SHUTDOWN)
+            await asyncio.wait(pending, timeout=self._options.shutdown_grace_s)
 
     async def _follow_controls(self, controls: AsyncIterator[CancelJob]) -> None:
         async for control in controls:
-            token = self._running.get(control.job_id)
-            if token is not None:
-                token.cancel(control.reason)
+            held = self._held.get(control.job_id)
+            if held is not None:
+                held.token.cancel(control.reason)
+                if held in self._waiting:
+                    # Not started yet: nothing to interrupt, settle it now.
+                    self._waiting.remove(held)
+                    await self.settle(held, Canceled(control.reason))
             else:
                 self._canceled_early[control.job_id] = control.reason
                 while len(self._canceled_early) > 10_000:
                     self._canceled_early.popitem(last=False)
 
-    async def _process(self, delivery: CommandDelivery) -> None:
-        command = delivery.command
+    async def _heartbeat(self) -> None:
+        """Push the redelivery deadline of every held delivery back, running or waiting."""
+        while True:
+            await asyncio.sleep(self._options.heartbeat_interval_s)
+            for held in list(self._held.values()):
+                if held.settled:
+                    continue
+                try:
+                    await held.delivery.in_progress()
+                except Exception as exc:
+                    log.warning("heartbeat_failed", job_id=held.command.job_id, error=str(exc))
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def _run_batch(self, members: list[_Held]) -> None:
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(
-            job_id=command.job_id, backend=self._backend.name, attempt=delivery.attempt
-        )
-        outcome = await self.handle(delivery)
-        await self.settle(delivery, outcome)
-        self.handled += 1
-
-    async def handle(self, delivery: CommandDelivery) -> Outcome:
-        command = delivery.command
-        if command.job_id in self._canceled_early:
-            return Canceled(self._canceled_early.pop(command.job_id))
-        token = CancelToken()
-        self._running[command.job_id] = token
-        heartbeat = asyncio.create_task(self._heartbeat(delivery))
-        try:
-            await self._bus.publish_event(
-                JobStarted(job_id=command.job_id, worker_id=self._options.worker_id, attempt=delivery.attempt)
+        if len(members) == 1:
+            structlog.contextvars.bind_contextvars(
+                job_id=members[0].command.job_id, backend=self._backend.name, attempt=members[0].delivery.attempt
             )
-            image_ids = await self._generate_and_store(command, delivery.attempt, token)
-            return Succeeded(image_ids)
-        except GenerationCanceled as exc:
-            return HandBack() if token.reason == _SHUTDOWN else Canceled(str(exc) or token.reason)
-        except RetryableError as exc:
-            if delivery.attempt >= self._options.max_deliveries:
-                return Failed(f"gave up after {delivery.attempt} attempts: {exc}")
-            return Retry(exc.delay_s, str(exc))
-        except Exception as exc:
-            log.exception("job_failed")
-            return Failed(f"{type(exc).__name__}: {exc}")
-        finally:
-            heartbeat.cancel()
-            self._running.pop(command.job_id, None)
+        else:
+            structlog.contextvars.bind_contextvars(
+                job_ids=[held.command.job_id for held in members], backend=self._backend.name
+            )
+            await asyncio.sleep(0)  # let cancels already in the inbox land before the batch starts
+        live = []
+        for held in members:
+            reason = self._canceled_early.pop(held.command.job_id, None)
+            if reason is not None:
+                await self.settle(held, Canceled(reason))
+            else:
+                live.append(held)
+        if live:
+            outcomes = await self._generate(live)
+            for held, outcome in zip(live, outcomes, strict=True):
+                await self.settle(held, outcome)
 
-    async def settle(self, delivery: CommandDelivery, outcome: Outcome) -> None:
-        """The one ack point: terminal event first, then ack; or hand the delivery back."""
-        job_id = delivery.command.job_id
-        match outcome:
-            case Succeeded(image_ids):
-                await self._bus.publish_event(JobSucceeded(job_id=job_id, image_ids=image_ids))
-                await delivery.ack()
-            case Failed(error):
-                await self._bus.publish_event(JobFailed(job_id=job_id, error=error))
-                await delivery.ack()
-            case Canceled(reason):
-                await self._bus.publish_event(JobCanceled(job_id=job_id, reason=reason))
-                await delivery.ack()
-            case Retry(delay_s, error):
-                log.warning("job_retry", delay_s=delay_s, error=error)
-                await delivery.nak(delay_s)
-            case HandBack():
-                log.info("job_handed_back")
-                await delivery.nak()
-        log.info("job_settled", outcome=type(outcome).__name__)
-
-    async def _generate_and_store(self, command: GenerateImage, attempt: int, token: CancelToken) -> list[str]:
+    async def _generate(self, members: list[_Held]) -> list[Outcome]:
+        """Run the members in one backend call and turn each one's result into an outcome."""
         loop = asyncio.get_running_loop()
-        params = command.params
-        with ProgressPublisher(self._bus, command.job_id, attempt, loop) as progress:
-            await loop.run_in_executor(self._executor, self._backend.prepare, params.model)
-            images = await loop.run_in_executor(self._executor, self._backend.generate, params, progress, token)
-            await progress.flush()
+        publishers = [
+            ProgressPublisher(self._bus, held.command.job_id, held.delivery.attempt, loop) for held in members
+        ]
+        jobs = [
+            JobRequest(job_id=held.command.job_id, params=held.command.params, on_progress=publisher, cancel=held.token)
+            for held, publisher in zip(members, publishers, strict=True)
+        ]
+        if len(members) > 1:
+            for held in members:
+                # A batch-mate's cancel ends that job now; the batch goes on for the others.
+                held.token.on_cancel(lambda held=held: loop.call_soon_threadsafe(self._settle_canceled_soon, held))
+        with contextlib.ExitStack() as publishing:
+            for publisher in publishers:
+                publishing.enter_context(publisher)
+            results = await self._call_backend(members, jobs, publishers)
+        return [await self._outcome(held, result) for held, result in zip(members, results, strict=True)]
+
+    async def _call_backend(
+        self, members: list[_Held], jobs: list[JobRequest], publishers: list[ProgressPublisher]
+    ) -> list[list[GeneratedImage] | BaseException]:
+        results: list[list[GeneratedImage] | BaseException]
+        try:
+            for held in members:
+                await self._bus.publish_event(
+                    JobStarted(
+                        job_id=held.command.job_id, worker_id=self._options.worker_id, attempt=held.delivery.attempt
+                    )
+                )
+            await self._backend.prepare(members[0].command.params.model)
+            if len(members) == 1:
+                results = [await self._backend.generate(jobs[0])]
+            else:
+                results = await self._backend.generate_batch(jobs)
+        except Exception as exc:
+            results = [exc] * len(members)
+        finally:
+            for publisher in publishers:
+                await publisher.flush()
+        return results
+
+    def _settle_canceled_soon(self, held: _Held) -> None:
+        if not held.settled and held.token.reason != _SHUTDOWN:
+            task = asyncio.create_task(self.settle(held, Canceled(held.token.reason)))
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+
+    async def _outcome(self, held: _Held, result: list[GeneratedImage] | BaseException) -> Outcome:
+        token = held.token
+        if held.settled:
+            return Canceled(token.reason)  # already settled early; settle() ignores it
+        if isinstance(result, BaseException):
+            return self._failure(held, result)
+        try:
+            return Succeeded(await self._store_images(held.command, result, token))
+        except Exception as exc:
+            return self._failure(held, exc)
+
+    def _failure(self, held: _Held, error: BaseException) -> Outcome:
+        token = held.token
+        if isinstance(error, GenerationCanceled) or token.canceled:
+            return HandBack() if token.reason == _SHUTDOWN else Canceled(token.reason or str(error))
+        if isinstance(error, RetryableError):
+            if held.delivery.attempt >= self._options.max_deliveries:
+                return Failed(f"gave up after {held.delivery.attempt} attempts: {error}")
+            return Retry(error.delay_s, str(error))
+        log.error("job_failed", job_id=held.command.job_id, error=f"{type(error).__name__}: {error}", exc_info=error)
+        return Failed(f"{type(error).__name__}: {error}")
+
+    async def settle(self, held: _Held, outcome: Outcome) -> None:
+        """The one ack point: terminal event first, then ack; or hand the delivery back. Once."""
+        if held.settled:
+            return
+        held.settled = True
+        delivery = held.delivery
+        job_id = delivery.command.job_id
+        try:
+            match outcome:
+                case Succeeded(image_ids):
+                    await self._bus.publish_event(JobSucceeded(job_id=job_id, image_ids=image_ids))
+                    await delivery.ack()
+                case Failed(error):
+                    await self._bus.publish_event(JobFailed(job_id=job_id, error=error))
+                    await delivery.ack()
+                case Canceled(reason):
+                    await self._bus.publish_event(JobCanceled(job_id=job_id, reason=reason))
+                    await delivery.ack()
+                case Retry(delay_s, error):
+                    log.warning("job_retry", job_id=job_id, delay_s=delay_s, error=error)
+                    await delivery.nak(delay_s)
+                case HandBack():
+                    log.info("job_handed_back", job_id=job_id)
+                    await delivery.nak()
+        finally:
+            self._held.pop(job_id, None)
+            self._update_room()
+        self.handled += 1
+        log.info("job_settled", job_id=job_id, outcome=type(outcome).__name__)
+
+    async def _store_images(
+        self, command: GenerateImage, images: list[GeneratedImage], token: CancelToken
+    ) -> list[str]:
         image_ids = []
         for index, image in enumerate(images):
             token.raise_if_canceled()
             image_id = image_id_for(command.job_id, index)
             expires_at = datetime.now(UTC) + timedelta(seconds=self._options.image_ttl_s)
             key = ObjectStore.image_key(command.job_id, image_id, expires_at, image.content_type)
+            image.content.seek(0)
             stored = await self._store.put_stream(
-                key, io.BytesIO(image.data), content_type=image.content_type, length=len(image.data)
+                key, image.content, content_type=image.content_type, length=image.length
             )
+            image.content.close()
             await self._bus.publish_event(
                 ImageStored(
                     job_id=command.job_id,
@@ -213,11 +428,3 @@ class Worker:
             )
             image_ids.append(image_id)
         return image_ids
-
-    async def _heartbeat(self, delivery: CommandDelivery) -> None:
-        while True:
-            await asyncio.sleep(self._options.heartbeat_interval_s)
-            try:
-                await delivery.in_progress()
-            except Exception as exc:
-                log.warning("heartbeat_failed", error=str(exc))

@@ -99,3 +99,22 @@ def release_cached_memory(placement: Placement) -> None:
         torch.cuda.empty_cache()
     elif placement.kind == "mps":
         torch.mps.empty_cache()
+
+
+def default_cache_budget_bytes(placement: Placement) -> int:
+    """Memory the model cache may fill when no budget is configured.
+
+    CUDA: the card's memory less 20 % for activations, which grow with image size and batch.
+    MPS: Metal's recommended working set, halved (it is shared with the system).
+    CPU: half the machine's RAM.
+    """
+    import os
+
+    import torch
+
+    if placement.kind == "cuda":
+        index = torch.device(placement.device).index or 0
+        return int(torch.cuda.get_device_properties(index).total_memory * 0.8)
+    if placement.kind == "mps":
+        return int(torch.mps.recommended_max_memory() * 0.5)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
