@@ -31,7 +31,11 @@ def parameter_schema(spec: ModelSpec) -> dict[str, Any]:
                    "default": spec.default_height},
         "num_inference_steps": {"type": "integer", "minimum": 1, "maximum": spec.max_steps,
                                 "default": spec.default_steps},
-        "guidance_scale": {"type": "number", "minimum": 0, "maximum": 50, "default": spec.default_guidance},
+        "guidance_scale": (
+            {"type": "number", "minimum": 0, "maximum": 50, "default": spec.default_guidance}
+            if spec.supports_guidance
+            else {"const": spec.default_guidance, "description": "this model does not use guidance"}
+        ),
         "seed": {"type": ["integer", "null"], "minimum": 0, "default": None,
                  "description": "null for a random seed; the seed used is recorded on each image"},
         "num_images": {"type": "integer", "minimum": 1, "maximum": spec.max_images, "default": 1},

@@ -81,6 +81,12 @@ def resolve_params(
         if not lenient_negative_prompt:
             raise ApiError(400, f"model {spec.id} does not support negative_prompt")
         negative_prompt, ignored = None, ("negative_prompt",)
+    guidance = spec.default_guidance if request.guidance_scale is None else request.guidance_scale
+    if guidance != spec.default_guidance and not spec.supports_guidance:
+        # Distilled models (turbo, schnell) ignore guidance: refuse rather than pretend.
+        raise ApiError(
+            400, f"model {spec.id} does not use guidance_scale (leave it out or send {spec.default_guidance})"
+        )
     loras = _resolve_loras(catalog, spec, request.loras)
     params = GenerationParams(
         prompt=request.prompt,
@@ -89,7 +95,7 @@ def resolve_params(
         width=width,
         height=height,
         num_inference_steps=steps,
-        guidance_scale=spec.default_guidance if request.guidance_scale is None else request.guidance_scale,
+        guidance_scale=guidance,
         seed=request.seed,
         num_images=request.num_images,
         loras=loras,

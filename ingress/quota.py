@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
 from ingress.config import QuotaLimits
-from projector.queries import Usage, day_start
+from projector.queries import UpstreamQuota, Usage, day_start
 from projector.readside import ReadModel
-from schemas.api import Quota
+from schemas.api import Quota, UpstreamQuotaView
 
 
 async def usage_of(read_model: ReadModel, owner: str) -> Usage:
     return await read_model.usage(owner, day_start(datetime.now(UTC)))
 
 
-def native_quota(usage: Usage, limits: QuotaLimits) -> Quota:
+def upstream_views(quotas: list[UpstreamQuota]) -> list[UpstreamQuotaView]:
+    return [UpstreamQuotaView(**dataclasses.asdict(quota)) for quota in quotas]
+
+
+def native_quota(usage: Usage, limits: QuotaLimits, upstream: list[UpstreamQuota]) -> Quota:
     used = {"active_jobs": usage.active_jobs, "daily_images": usage.images_since}
     limit = {"active_jobs": limits.active_jobs, "daily_images": limits.daily_images}
-    return Quota(usage=used, limits=limit, remaining={name: max(0, limit[name] - used[name]) for name in used})
+    remaining = {name: max(0, limit[name] - used[name]) for name in used}
+    return Quota(usage=used, limits=limit, remaining=remaining, upstream=upstream_views(upstream))
 
 
 # The weights.gg quota keys imagebus has no such feature for: nothing used, nothing available.
@@ -42,12 +48,17 @@ _OTHER_WEIGHTS_KEYS = (
 )
 
 
-def weights_quota(usage: Usage, limits: QuotaLimits) -> dict[str, Any]:
-    """The weights.gg ``/quota`` object: image keys carry real figures, the rest are zero."""
+def weights_quota(usage: Usage, limits: QuotaLimits, upstream: list[UpstreamQuota]) -> dict[str, Any]:
+    """The weights.gg ``/quota`` object: image keys carry real figures, the rest are zero.
+
+    ``upstream`` adds what the browser backend last read from the site itself (the seed returned
+    only that); clients that do not know the field ignore it.
+    """
     used: dict[str, int] = {"QUEUED_IMAGE_JOBS": usage.active_jobs, "DAILY_IMAGE_CREATIONS": usage.images_since}
     limit: dict[str, int] = {"QUEUED_IMAGE_JOBS": limits.active_jobs, "DAILY_IMAGE_CREATIONS": limits.daily_images}
     for key in _OTHER_WEIGHTS_KEYS:
         used[key] = 0
         limit[key] = 0
     remaining = {key: max(0, limit[key] - used[key]) for key in limit}
-    return {"isPremium": True, "usage": used, "limits": limit, "remaining": remaining}
+    sites = [view.model_dump(mode="json") for view in upstream_views(upstream)]
+    return {"isPremium": True, "usage": used, "limits": limit, "remaining": remaining, "upstream": sites}

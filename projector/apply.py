@@ -28,6 +28,7 @@ from schemas import (
     JobStatus,
     JobSucceeded,
     Message,
+    UpstreamQuotaObserved,
 )
 
 log = structlog.get_logger(__name__)
@@ -112,6 +113,8 @@ class Projection:
     images: dict[str, ImageRow] = field(default_factory=dict)
     changed_jobs: set[str] = field(default_factory=set)
     changed_images: set[str] = field(default_factory=set)
+    # Latest UpstreamQuotaObserved per source in the batch (the log is ordered: last wins).
+    quotas: dict[str, UpstreamQuotaObserved] = field(default_factory=dict)
 
     def put_job(self, row: JobRow) -> None:
         if self.jobs.get(row.id) != row:
@@ -170,6 +173,9 @@ def stored_row(event: ImageStored, owner: str) -> ImageRow:
 def apply_event(projection: Projection, event: Event) -> None:
     """Fold one event into the rows it touches. Idempotent: applying it twice equals once."""
     event = _aware(event)
+    if isinstance(event, UpstreamQuotaObserved):
+        projection.quotas[event.source] = event
+        return  # about the outside service, not the job it followed
     if isinstance(event, JobQueued) and event.job_id not in projection.jobs:
         projection.put_job(queued_row(event))
     job = projection.jobs.get(event.job_id)

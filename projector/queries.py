@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import Connection, func, or_, select, update
 
 from projector.apply import ImageRow, ImageState
-from projector.tables import images, jobs
+from projector.tables import images, jobs, upstream_quotas
 from schemas import GenerationParams, JobStatus
 
 # The average processing time is taken over this many of the latest completed jobs.
@@ -149,6 +149,33 @@ def select_usage(conn: Connection, owner: str, since: datetime) -> Usage:
         )
     ).scalar_one()
     return Usage(int(active), int(asked))
+
+
+@dataclass(frozen=True)
+class UpstreamQuota:
+    source: str
+    backend: str
+    used: int | None
+    limit: int | None
+    remaining: int | None
+    resets_at: datetime | None
+    observed_at: datetime
+
+
+def select_upstream_quotas(conn: Connection) -> list[UpstreamQuota]:
+    rows = conn.execute(select(upstream_quotas).order_by(upstream_quotas.c.source)).mappings()
+    return [
+        UpstreamQuota(
+            source=row["source"],
+            backend=row["backend"],
+            used=row["used"],
+            limit=row["quota_limit"],
+            remaining=row["remaining"],
+            resets_at=row["resets_at"],
+            observed_at=row["observed_at"],
+        )
+        for row in rows
+    ]
 
 
 def day_start(now: datetime) -> datetime:

@@ -14,11 +14,13 @@ from projector.queries import (
     GalleryRecord,
     QueueFigures,
     StalledJob,
+    UpstreamQuota,
     Usage,
     mark_image_deleted,
     select_gallery,
     select_queue_figures,
     select_stalled,
+    select_upstream_quotas,
     select_usage,
 )
 from projector.tables import images, jobs
@@ -103,6 +105,9 @@ class ReadModel:
 
     async def usage(self, owner: str, since: datetime) -> Usage:
         return await self._database.read(lambda conn: select_usage(conn, owner, since))
+
+    async def upstream_quotas(self) -> list[UpstreamQuota]:
+        return await self._database.read(select_upstream_quotas)
 
     async def mark_image_deleted(self, image_id: str, owner: str) -> bool:
         """Hide the image now (read-your-writes for DELETE); the ImageDeleted event does the same."""

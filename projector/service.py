@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from sqlalchemy import Connection, bindparam, insert, select, update
@@ -19,8 +20,8 @@ from sqlalchemy.exc import IntegrityError
 from bus.base import Bus, LoggedEvent
 from projector.apply import ImageRow, JobRow, Projection, apply_event
 from projector.database import Database, reset_schema, upsert
-from projector.tables import images, jobs, projector_positions
-from schemas import Event, ImageDeleted, ImageExpired, ImageStored
+from projector.tables import images, jobs, projector_positions, upstream_quotas
+from schemas import Event, ImageDeleted, ImageExpired, ImageStored, UpstreamQuotaObserved
 
 log = structlog.get_logger(__name__)
 
@@ -143,6 +144,19 @@ def apply_events(conn: Connection, events: Sequence[Event]) -> None:
         apply_event(projection, event)
     upsert(conn, jobs, [projection.jobs[key].to_columns() for key in sorted(projection.changed_jobs)])
     upsert(conn, images, [projection.images[key].to_columns() for key in sorted(projection.changed_images)])
+    upsert(conn, upstream_quotas, [quota_columns(event) for _, event in sorted(projection.quotas.items())])
+
+
+def quota_columns(event: UpstreamQuotaObserved) -> dict[str, Any]:
+    return {
+        "source": event.source,
+        "backend": event.backend,
+        "used": event.used,
+        "quota_limit": event.limit,
+        "remaining": event.remaining,
+        "resets_at": event.resets_at,
+        "observed_at": event.occurred_at,
+    }
 
 
 def _load(conn: Connection, events: Sequence[Event]) -> Projection:

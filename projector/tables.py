@@ -94,6 +94,19 @@ images = Table(
     Column("state", String(16), nullable=False),
 )
 
+# The latest quota each outside service reported (UpstreamQuotaObserved), by source.
+upstream_quotas = Table(
+    "upstream_quotas",
+    metadata,
+    Column("source", String(256), primary_key=True),
+    Column("backend", String(64), nullable=False),
+    Column("used", BigInteger, nullable=True),
+    Column("quota_limit", BigInteger, nullable=True),
+    Column("remaining", BigInteger, nullable=True),
+    Column("resets_at", UTCDateTime, nullable=True),
+    Column("observed_at", UTCDateTime, nullable=False),
+)
+
 # One row per projector name: the log position its rows reflect, written in the same transaction.
 projector_positions = Table(
     "projector_positions",
@@ -103,4 +116,4 @@ projector_positions = Table(
 )
 
 # The tables a rebuild drops and replays; everything in this metadata is derived from the log.
-READ_MODEL_TABLES: tuple[Table, ...] = (jobs, images, projector_positions)
+READ_MODEL_TABLES: tuple[Table, ...] = (jobs, images, upstream_quotas, projector_positions)

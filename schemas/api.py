@@ -160,6 +160,7 @@ class ModelInfo(BaseModel):
     max_images: int
     supports_negative_prompt: bool
     supports_lora: bool
+    supports_guidance: bool = True
 
 
 class ModelList(BaseModel):
@@ -276,12 +277,26 @@ class LoraList(BaseModel):
     loras: list[LoraInfo]
 
 
+class UpstreamQuotaView(BaseModel):
+    """An outside service's quota as a backend last read it (e.g. the credits of a website)."""
+
+    source: str
+    backend: str
+    used: int | None
+    limit: int | None
+    remaining: int | None
+    resets_at: datetime | None
+    observed_at: datetime
+
+
 class Quota(BaseModel):
     """The caller's usage against their limits (``remaining`` = limits - usage, never below 0)."""
 
     usage: dict[str, int]
     limits: dict[str, int]
     remaining: dict[str, int]
+    # Quotas of the outside services the backends use, shared by every caller.
+    upstream: list[UpstreamQuotaView] = Field(default_factory=list)
 
 
 class Deleted(BaseModel):

@@ -173,6 +173,19 @@ class ImageDeleted(Message):
     image_id: str
 
 
+class UpstreamQuotaObserved(Message):
+    """A backend read the quota of the outside service it uses (a website's credits), after the
+    job ``job_id``. The read model keeps the latest per ``source``; ``/quota`` shows it."""
+
+    type: Literal["UpstreamQuotaObserved"] = "UpstreamQuotaObserved"
+    backend: str
+    source: str
+    used: int | None = None
+    limit: int | None = None
+    remaining: int | None = None
+    resets_at: datetime | None = None
+
+
 Event = Annotated[
     JobQueued
     | JobStarted
@@ -183,7 +196,8 @@ Event = Annotated[
     | JobFailed
     | JobCanceled
     | ImageExpired
-    | ImageDeleted,
+    | ImageDeleted
+    | UpstreamQuotaObserved,
     Field(discriminator="type"),
 ]
 
@@ -198,6 +212,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "JobCanceled",
     "ImageExpired",
     "ImageDeleted",
+    "UpstreamQuotaObserved",
 )
 
 _event_adapter: TypeAdapter[Event] = TypeAdapter(Event)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -28,6 +28,7 @@ from schemas import (
     JobFailed,
     JobStarted,
     JobSucceeded,
+    UpstreamQuotaObserved,
     image_id_for,
 )
 from storage.object_store import ObjectStore
@@ -38,6 +39,7 @@ from workers.backends.base import (
     GenerationCanceled,
     JobRequest,
     RetryableError,
+    SiteQuota,
 )
 from workers.outcomes import Canceled, Failed, HandBack, Outcome, Retry, Succeeded
 from workers.progress import ProgressPublisher
@@ -91,6 +93,7 @@ class Worker:
         # Settlements of canceled batch members, made while their batch runs on.
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._linger: asyncio.TimerHandle | None = None
+        self._last_quota: SiteQuota | None = None
         self._room = asyncio.Event()
         self._room.set()
         # Cancels that arrived before their job did (bounded: only recent ones matter).
@@ -296,6 +299,28 @@ class Worker:
             outcomes = await self._generate(live)
             for held, outcome in zip(live, outcomes, strict=True):
                 await self.settle(held, outcome)
+            await self._report_upstream_quota(live[0].command.job_id)
+
+    async def _report_upstream_quota(self, job_id: str) -> None:
+        """Publish the outside service's quota when the backend has one and it changed."""
+        try:
+            quota = await self._backend.site_quota()
+            if quota is None or quota == self._last_quota:
+                return
+            await self._bus.publish_event(
+                UpstreamQuotaObserved(
+                    job_id=job_id,
+                    backend=self._backend.name,
+                    source=quota.source,
+                    used=quota.used,
+                    limit=quota.limit,
+                    remaining=quota.remaining,
+                    resets_at=quota.resets_at,
+                )
+            )
+            self._last_quota = quota
+        except Exception as exc:  # informational: never let it disturb the jobs
+            log.warning("upstream_quota_failed", error=str(exc))
 
     async def _generate(self, members: list[_Held]) -> list[Outcome]:
         """Run the members in one backend call and turn each one's result into an outcome."""
@@ -310,7 +335,7 @@ class Worker:
         if len(members) > 1:
             for held in members:
                 # A batch-mate's cancel ends that job now; the batch goes on for the others.
-                held.token.on_cancel(lambda held=held: loop.call_soon_threadsafe(self._settle_canceled_soon, held))
+                held.token.on_cancel(self._settle_canceled_later(loop, held))
         with contextlib.ExitStack() as publishing:
             for publisher in publishers:
                 publishing.enter_context(publisher)
@@ -339,6 +364,14 @@ class Worker:
             for publisher in publishers:
                 await publisher.flush()
         return results
+
+    def _settle_canceled_later(self, loop: asyncio.AbstractEventLoop, held: _Held) -> Callable[[], None]:
+        """A cancel listener (called on any thread) that settles ``held`` on the loop."""
+
+        def listener() -> None:
+            loop.call_soon_threadsafe(self._settle_canceled_soon, held)
+
+        return listener
 
     def _settle_canceled_soon(self, held: _Held) -> None:
         if not held.settled and held.token.reason != _SHUTDOWN:

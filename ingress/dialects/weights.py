@@ -138,7 +138,8 @@ async def search_loras_route(
 async def quota(request: Request[Any, Any, Any]) -> dict[str, Any]:
     services = services_of(request)
     owner = require_owner(services.keyring, request)
-    body = weights_quota(await usage_of(services.read_model, owner), services.config.quota)
+    upstream = await services.read_model.upstream_quotas()
+    body = weights_quota(await usage_of(services.read_model, owner), services.config.quota, upstream)
     for key in _LIMIT_ONLY_QUOTA_KEYS:
         body["limits"].setdefault(key, 0)
         body["remaining"].setdefault(key, 0)

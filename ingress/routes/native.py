@@ -94,7 +94,8 @@ async def loras(request: Request[Any, Any, Any], text: Annotated[str, QueryParam
 async def quota(request: Request[Any, Any, Any]) -> Quota:
     services = services_of(request)
     owner = require_owner(services.keyring, request)
-    return native_quota(await usage_of(services.read_model, owner), services.config.quota)
+    upstream = await services.read_model.upstream_quotas()
+    return native_quota(await usage_of(services.read_model, owner), services.config.quota, upstream)
 
 
 @get("/queue", summary="Jobs by status; with detailed=true also the last 24 h, per model, timings")
