@@ -7,8 +7,12 @@ import contextlib
 import os
 import signal
 import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
+from minio import Minio
 from pydantic import SecretStr
 
 from bus import Bus, BusOptions, connect_bus
@@ -23,7 +27,7 @@ from imagebus.settings import (
 )
 from ingress.config import EnrichConfig, IngressConfig, QuotaLimits
 from schemas import Catalog
-from storage.object_store import ObjectStore, S3Config
+from storage.object_store import ObjectStore, S3Config, s3_client
 from workers.backends.base import Backend
 
 log = structlog.get_logger(__name__)
@@ -58,12 +62,38 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
+@dataclass(frozen=True)
+class LoadedCatalog:
+    catalog: Catalog
+    # Preview images of scanned LoRAs (file paths or s3:// objects), by LoRA id.
+    lora_previews: dict[str, str]
+    # A client for the LoRA bucket, when LoRAs live in one.
+    lora_s3: Minio | None
+
+
+def load_role_catalog(settings: IngressSettings | WorkerSettings) -> LoadedCatalog:
+    """The catalog file plus the LoRAs found in the LoRA folder and bucket (inline entries win)."""
+    from imagebus.lora_catalog import LoraScan, merge_loras, scan_lora_bucket, scan_lora_folder
+
+    catalog = load_catalog(settings.catalog_path, settings.default_model)
+    scan = LoraScan()
+    client = s3_client(s3_config(settings)) if settings.lora_bucket else None
+    if settings.lora_dir is not None:
+        scan = scan.plus(scan_lora_folder(settings.lora_dir))
+    if settings.lora_bucket and client is not None:
+        bucket, _, prefix = settings.lora_bucket.partition("/")
+        scan = scan.plus(scan_lora_bucket(client, bucket, prefix))
+    catalog = merge_loras(catalog, scan.loras)
+    return LoadedCatalog(catalog, scan.previews_in(catalog), client)
+
+
 async def _connect(settings: _BusMixin) -> Bus:
     return await connect_bus(settings.bus_url, bus_options(settings))
 
 
-def build_backend(name: str, catalog: Catalog, settings: WorkerSettings) -> Backend:
+def build_backend(name: str, loaded: LoadedCatalog, settings: WorkerSettings) -> Backend:
     """The backend a worker runs, restricted to its pool's models when it serves a pool."""
+    catalog = loaded.catalog
     queue = settings.pool or name
     served = [spec.id for spec in catalog.models_in(queue)]
     if settings.pool is not None and not served:
@@ -72,6 +102,9 @@ def build_backend(name: str, catalog: Catalog, settings: WorkerSettings) -> Back
         raise SystemExit(f"pool {queue!r} belongs to another backend than {name!r}")
     if name == "diffusers":
         from workers.backends.diffusers import DiffusersBackend, DiffusersOptions
+        from workers.backends.lora_files import LoraFiles
+
+        lora_cache = settings.lora_cache_dir or Path(tempfile.gettempdir()) / "imagebus-loras"
 
         if settings.torch_threads:
             import torch
@@ -79,7 +112,7 @@ def build_backend(name: str, catalog: Catalog, settings: WorkerSettings) -> Back
             torch.set_num_threads(settings.torch_threads)
 
         return DiffusersBackend(
-            catalog,
+            loaded.catalog,
             DiffusersOptions(
                 device=settings.device,
                 dtype=settings.dtype,
@@ -91,7 +124,13 @@ def build_backend(name: str, catalog: Catalog, settings: WorkerSettings) -> Back
                 cpu_offload=settings.cpu_offload,
                 lora_cache_dir=settings.lora_cache_dir,
             ),
+            lora_files=LoraFiles(lora_cache, loaded.lora_s3),
         )
+    if name == "remote":
+        from workers.backends.remote import RemoteBackend
+
+        tokens = {endpoint: token.get_secret_value() for endpoint, token in settings.remote_tokens.items()}
+        return RemoteBackend(catalog, tokens, concurrency=settings.remote_concurrency)
     raise SystemExit(f"unknown backend {name!r}; available: diffusers, remote, browser")
 
 
@@ -106,8 +145,9 @@ def preload_models(catalog: Catalog, settings: WorkerSettings) -> list[str]:
 async def run_worker(settings: WorkerSettings) -> None:
     from workers.runtime import Worker, WorkerOptions
 
-    catalog = load_catalog(settings.catalog_path, settings.default_model)
-    backend = build_backend(settings.backend, catalog, settings)
+    loaded = load_role_catalog(settings)
+    catalog = loaded.catalog
+    backend = build_backend(settings.backend, loaded, settings)
     store = ObjectStore(s3_config(settings))
     await store.ensure_bucket()
     bus = await _connect(settings)
@@ -174,12 +214,14 @@ def _keys(value: SecretStr) -> tuple[str, ...]:
 
 def ingress_config(settings: IngressSettings) -> IngressConfig:
     keys = _keys(settings.api_keys)
+    loaded = load_role_catalog(settings)
     return IngressConfig(
         bus_url=settings.bus_url,
         bus_options=bus_options(settings),
         s3=s3_config(settings),
         database_url=settings.database_url,
-        catalog=load_catalog(settings.catalog_path, settings.default_model),
+        catalog=loaded.catalog,
+        lora_previews=loaded.lora_previews,
         api_keys=keys,
         key_secret=settings.key_secret.get_secret_value(),
         max_body_bytes=settings.max_body_bytes,

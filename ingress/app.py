@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from litestar import Litestar
+from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 
@@ -14,9 +15,11 @@ from ingress.dialects import dialect_handlers
 from ingress.errors import EXCEPTION_HANDLERS
 from ingress.routes.health import health
 from ingress.routes.images import signed_file_handlers
+from ingress.routes.lora_images import LoraPreviews, lora_image_handlers
 from ingress.routes.native import native_router
 from ingress.routes.web import web_router
 from ingress.services import open_services
+from storage.object_store import s3_client
 
 
 def create_app(config: IngressConfig) -> Litestar:
@@ -26,8 +29,17 @@ def create_app(config: IngressConfig) -> Litestar:
             app.state.services = services
             yield
 
+    previews = LoraPreviews(config.lora_previews, s3_client(config.s3) if config.lora_previews else None)
     return Litestar(
-        route_handlers=[health, native_router, *signed_file_handlers, *dialect_handlers, web_router],
+        route_handlers=[
+            health,
+            native_router,
+            *lora_image_handlers,
+            *signed_file_handlers,
+            *dialect_handlers,
+            web_router,
+        ],
+        state=State({"lora_previews": previews}),
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.max_body_bytes,

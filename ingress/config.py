@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bus import BusOptions
@@ -48,3 +49,5 @@ class IngressConfig:
     # A processing job with no event for this long counts as stalled for reset_queue.
     stall_after_s: float = 600.0
     enrich: EnrichConfig = field(default_factory=EnrichConfig)
+    # Preview images of scanned LoRAs by id: a file path or "s3://bucket/key" (GET /api/loras/{id}/image).
+    lora_previews: Mapping[str, str] = field(default_factory=dict)

@@ -252,6 +252,17 @@ class _CountingReader:
         return chunk
 
 
+def s3_client(config: S3Config) -> Minio:
+    """A plain client for the same server (catalog files kept in other buckets: LoRAs)."""
+    return Minio(
+        config.endpoint,
+        access_key=config.access_key,
+        secret_key=config.secret_key,
+        secure=config.secure,
+        region=config.region,
+    )
+
+
 def _signing_client(config: S3Config) -> Minio:
     endpoint, secure = config.public_endpoint or config.endpoint, config.secure
     if "://" in endpoint:

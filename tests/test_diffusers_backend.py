@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -13,10 +13,9 @@ from PIL import Image
 
 from schemas import Catalog, GenerationParams, ModelSpec
 from workers.backends import tiny
-from workers.backends.base import CancelToken, GenerationCanceled, Progress
+from workers.backends.base import CancelToken, GeneratedImage, GenerationCanceled, JobRequest, Progress
 from workers.backends.devices import choose_placement
-from workers.backends.diffusers import DiffusersBackend
-from workers.backends.preview import preview_jpeg
+from workers.backends.diffusers import DiffusersBackend, DiffusersOptions
 
 
 def _spec(model_id: str, source: str) -> ModelSpec:
@@ -70,83 +69,84 @@ class FakeClock:
 
 
 @pytest.fixture(scope="module")
-def backend() -> DiffusersBackend:
-    backend = DiffusersBackend(CATALOG, device="cpu")
-    backend.prepare("tiny-sd")
-    return backend
+async def backend() -> AsyncIterator[DiffusersBackend]:
+    backend = DiffusersBackend(CATALOG, DiffusersOptions(device="cpu"))
+    await backend.prepare("tiny-sd")
+    yield backend
+    await backend.close()
 
 
 def pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def run(backend: DiffusersBackend, request: GenerationParams) -> tuple[list[Any], list[Progress]]:
+async def run(backend: DiffusersBackend, request: GenerationParams) -> tuple[list[GeneratedImage], list[Progress]]:
     events: list[Progress] = []
-    return backend.generate(request, events.append, CancelToken()), events
+    return await backend.generate(JobRequest("job", request, events.append)), events
 
 
 # --- images and seeds ----------------------------------------------------------------------------
 
 
-def test_batch_is_png_images_of_the_requested_size_with_consecutive_seeds(backend: DiffusersBackend) -> None:
-    images, _ = run(backend, params(seed=1234))
+async def test_batch_is_png_images_of_the_requested_size_with_consecutive_seeds(backend: DiffusersBackend) -> None:
+    images, _ = await run(backend, params(seed=1234))
 
     assert [image.seed for image in images] == [1234, 1235]
     for image in images:
         assert image.content_type == "image/png"
         assert (image.width, image.height) == (64, 64)
-        decoded = Image.open(io.BytesIO(image.data))
+        decoded = Image.open(io.BytesIO(image.read_all()))
         assert decoded.format == "PNG"
         assert decoded.size == (64, 64)
 
 
-def test_same_seed_same_image_and_different_seed_different_image(backend: DiffusersBackend) -> None:
-    first, _ = run(backend, params(seed=7, num_images=1))
-    again, _ = run(backend, params(seed=7, num_images=1))
-    other, _ = run(backend, params(seed=8, num_images=1))
+async def test_same_seed_same_image_and_different_seed_different_image(backend: DiffusersBackend) -> None:
+    first, _ = await run(backend, params(seed=7, num_images=1))
+    again, _ = await run(backend, params(seed=7, num_images=1))
+    other, _ = await run(backend, params(seed=8, num_images=1))
 
-    assert first[0].data == again[0].data
-    assert not np.array_equal(pixels(first[0].data), pixels(other[0].data))
+    assert first[0].read_all() == again[0].read_all()
+    assert not np.array_equal(pixels(first[0].read_all()), pixels(other[0].read_all()))
 
 
-def test_each_image_of_a_batch_is_reproducible_from_its_own_seed(backend: DiffusersBackend) -> None:
-    batch, _ = run(backend, params(seed=40, num_images=2))
-    single, _ = run(backend, params(seed=41, num_images=1))
+async def test_each_image_of_a_batch_is_reproducible_from_its_own_seed(backend: DiffusersBackend) -> None:
+    batch, _ = await run(backend, params(seed=40, num_images=2))
+    single, _ = await run(backend, params(seed=41, num_images=1))
 
     assert batch[1].seed == single[0].seed == 41
-    assert np.array_equal(pixels(batch[1].data), pixels(single[0].data))
+    assert np.array_equal(pixels(batch[1].read_all()), pixels(single[0].read_all()))
 
 
-def test_a_random_seed_is_chosen_and_recorded_when_none_is_given(backend: DiffusersBackend) -> None:
-    images, _ = run(backend, params(seed=None))
+async def test_a_random_seed_is_chosen_and_recorded_when_none_is_given(backend: DiffusersBackend) -> None:
+    images, _ = await run(backend, params(seed=None))
 
     first = images[0].seed
     assert first is not None
     assert [image.seed for image in images] == [first, first + 1]
-    replay, _ = run(backend, params(seed=first))
-    assert [image.data for image in replay] == [image.data for image in images]
+    replay, _ = await run(backend, params(seed=first))
+    assert [image.read_all() for image in replay] == [image.read_all() for image in images]
 
 
-def test_negative_prompt_reaches_the_pipeline(backend: DiffusersBackend) -> None:
-    plain, _ = run(backend, params(num_images=1))
-    negative, _ = run(backend, params(num_images=1, negative_prompt="blurry"))
+async def test_negative_prompt_reaches_the_pipeline(backend: DiffusersBackend) -> None:
+    plain, _ = await run(backend, params(num_images=1))
+    negative, _ = await run(backend, params(num_images=1, negative_prompt="blurry"))
 
-    assert plain[0].data != negative[0].data
+    assert plain[0].read_all() != negative[0].read_all()
 
 
 # --- progress and previews -------------------------------------------------------------------
 
 
-def test_progress_is_reported_for_every_step_in_order(backend: DiffusersBackend) -> None:
-    _, events = run(backend, params())
+async def test_progress_is_reported_for_every_step_in_order(backend: DiffusersBackend) -> None:
+    _, events = await run(backend, params())
 
     assert [(event.step, event.total_steps) for event in events] == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
-def test_previews_are_throttled_by_the_injected_clock() -> None:
+async def test_previews_are_throttled_by_the_injected_clock() -> None:
     # 0.2 s per step against a 0.5 s interval: t=0.0 (first), 0.2, 0.4, 0.6 (0.6 s since the last one).
-    backend = DiffusersBackend(CATALOG, device="cpu", preview_interval_s=0.5, clock=FakeClock(0.2))
-    _, events = run(backend, params())
+    backend = DiffusersBackend(CATALOG, DiffusersOptions(device="cpu", preview_interval_s=0.5), clock=FakeClock(0.2))
+    _, events = await run(backend, params())
 
     assert [event.preview_jpeg is not None for event in events] == [True, False, False, True]
     for event in events:
@@ -156,27 +156,17 @@ def test_previews_are_throttled_by_the_injected_clock() -> None:
             assert max(preview.size) <= 128
 
 
-def test_every_step_gets_a_preview_when_the_interval_is_zero() -> None:
-    backend = DiffusersBackend(CATALOG, device="cpu", preview_interval_s=0.0, clock=FakeClock(0.0))
-    _, events = run(backend, params(width=128, height=64, num_images=1, num_inference_steps=2))
+async def test_every_step_gets_a_preview_when_the_interval_is_zero() -> None:
+    backend = DiffusersBackend(CATALOG, DiffusersOptions(device="cpu", preview_interval_s=0.0), clock=FakeClock(0.0))
+    _, events = await run(backend, params(width=128, height=64, num_images=1, num_inference_steps=2))
 
     assert [Image.open(io.BytesIO(e.preview_jpeg)).size for e in events if e.preview_jpeg] == [(128, 64)] * 2
-
-
-def test_preview_projects_sd_latents_and_falls_back_for_other_shapes() -> None:
-    generator = torch.Generator().manual_seed(0)
-    for shape in [(2, 4, 8, 12), (1, 16, 8, 12), (1, 1, 8, 12)]:
-        data = preview_jpeg(torch.randn(shape, generator=generator), max_side=96)
-        assert data is not None
-        assert Image.open(io.BytesIO(data)).size == (96, 64)
-    # Packed (batch, tokens, channels) sequences cannot be laid out as a picture: no preview.
-    assert preview_jpeg(torch.randn(1, 64, 64)) is None
 
 
 # --- cancellation and failures ---------------------------------------------------------------
 
 
-def test_cancel_after_step_two_stops_the_run(backend: DiffusersBackend) -> None:
+async def test_cancel_after_step_two_stops_the_run(backend: DiffusersBackend) -> None:
     cancel = CancelToken()
     steps: list[int] = []
 
@@ -186,34 +176,34 @@ def test_cancel_after_step_two_stops_the_run(backend: DiffusersBackend) -> None:
             cancel.cancel("user asked")
 
     with pytest.raises(GenerationCanceled, match="user asked"):
-        backend.generate(params(), on_progress, cancel)
+        await backend.generate(JobRequest("job", params(), on_progress, cancel))
     assert steps == [1, 2]
 
 
-def test_cancel_before_start_makes_nothing(backend: DiffusersBackend) -> None:
+async def test_cancel_before_start_makes_nothing(backend: DiffusersBackend) -> None:
     cancel = CancelToken()
     cancel.cancel("too late")
     steps: list[Progress] = []
 
     with pytest.raises(GenerationCanceled):
-        backend.generate(params(), steps.append, cancel)
+        await backend.generate(JobRequest("job", params(), steps.append, cancel))
     assert steps == []
 
 
-def test_unknown_model_is_a_clear_value_error(backend: DiffusersBackend) -> None:
+async def test_unknown_model_is_a_clear_value_error(backend: DiffusersBackend) -> None:
     with pytest.raises(ValueError, match=r"unknown model 'nope'.*tiny-sd"):
-        backend.prepare("nope")
+        await backend.prepare("nope")
     with pytest.raises(ValueError, match="unknown model"):
-        run(backend, params(model="nope"))
+        await run(backend, params(model="nope"))
     with pytest.raises(ValueError, match="backend 'openai'"):
-        backend.prepare("not-ours")
+        await backend.prepare("not-ours")
 
 
-def test_invalid_size_fails_and_the_backend_keeps_working(backend: DiffusersBackend) -> None:
+async def test_invalid_size_fails_and_the_backend_keeps_working(backend: DiffusersBackend) -> None:
     with pytest.raises(ValueError, match="divisible by 8"):
-        run(backend, params(width=60))
+        await run(backend, params(width=60))
 
-    images, events = run(backend, params())
+    images, events = await run(backend, params())
     assert len(images) == 2
     assert len(events) == 4
 
@@ -239,13 +229,13 @@ def oom_once(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("oom_once")
-def test_out_of_memory_is_reported_clearly_and_the_backend_recovers() -> None:
-    backend = DiffusersBackend(CATALOG, device="cpu")
+async def test_out_of_memory_is_reported_clearly_and_the_backend_recovers() -> None:
+    backend = DiffusersBackend(CATALOG, DiffusersOptions(device="cpu"))
 
     with pytest.raises(RuntimeError, match=r"out of memory generating 64x64 x2 on cpu: CUDA out of memory"):
-        run(backend, params(model="tiny-oom"))
+        await run(backend, params(model="tiny-oom"))
 
-    images, events = run(backend, params(model="tiny-oom"))
+    images, events = await run(backend, params(model="tiny-oom"))
     assert len(images) == 2
     assert [event.step for event in events] == [1, 2, 3, 4]
 
@@ -253,7 +243,7 @@ def test_out_of_memory_is_reported_clearly_and_the_backend_recovers() -> None:
 # --- the tiny pipelines and placement --------------------------------------------------------
 
 
-def test_tiny_pipelines_are_identical_across_builds() -> None:
+async def test_tiny_pipelines_are_identical_across_builds() -> None:
     first, second = tiny.build_tiny_sd(), tiny.build_tiny_sd()
 
     for name in ("unet", "vae", "text_encoder"):
@@ -263,7 +253,7 @@ def test_tiny_pipelines_are_identical_across_builds() -> None:
     assert first.tokenizer("a red cat").input_ids == second.tokenizer("a red cat").input_ids
 
 
-def test_building_a_tiny_pipeline_leaves_the_global_random_stream_alone() -> None:
+async def test_building_a_tiny_pipeline_leaves_the_global_random_stream_alone() -> None:
     torch.manual_seed(99)
     expected = torch.rand(3)
     torch.manual_seed(99)
@@ -271,7 +261,7 @@ def test_building_a_tiny_pipeline_leaves_the_global_random_stream_alone() -> Non
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_tiny_tokenizer_is_byte_level_bpe_with_clip_specials() -> None:
+async def test_tiny_tokenizer_is_byte_level_bpe_with_clip_specials() -> None:
     tokenizer = tiny.build_clip_tokenizer()
     tokens = tokenizer.convert_ids_to_tokens(tokenizer("The cat and dog, ünïcode!").input_ids)
 
@@ -282,7 +272,7 @@ def test_tiny_tokenizer_is_byte_level_bpe_with_clip_specials() -> None:
     assert len(tokenizer) <= 1000
 
 
-def test_placement_defaults_and_overrides() -> None:
+async def test_placement_defaults_and_overrides() -> None:
     assert choose_placement("cpu").dtype == torch.float32
     assert choose_placement("cpu", "bfloat16").dtype == torch.bfloat16
     assert choose_placement().kind in {"cuda", "mps", "cpu"}
@@ -292,15 +282,15 @@ def test_placement_defaults_and_overrides() -> None:
         choose_placement("cpu", "float8")
 
 
-def test_a_model_loads_from_a_local_folder(backend: DiffusersBackend, tmp_path: Any) -> None:
+async def test_a_model_loads_from_a_local_folder(backend: DiffusersBackend, tmp_path: Any) -> None:
     """A diffusers folder (as save_pretrained writes it) is a model source, with no network."""
     folder = tmp_path / "tiny-sd-folder"
     tiny.build_tiny_sd().save_pretrained(folder)
     catalog = Catalog(default="local", models={"local": _spec("local", str(folder))})
     from_folder = DiffusersBackend(catalog)
     request = params(seed=5)
-    folder_images, folder_progress = run(from_folder, request.model_copy(update={"model": "local"}))
-    builtin_images, _ = run(backend, request)
+    folder_images, folder_progress = await run(from_folder, request.model_copy(update={"model": "local"}))
+    builtin_images, _ = await run(backend, request)
     assert [p.step for p in folder_progress] == [1, 2, 3, 4]
     # Same weights, same seed: the folder round-trip changes nothing.
-    assert np.array_equal(pixels(folder_images[0].data), pixels(builtin_images[0].data))
+    assert np.array_equal(pixels(folder_images[0].read_all()), pixels(builtin_images[0].read_all()))
