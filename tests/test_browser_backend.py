@@ -22,7 +22,7 @@ from PIL import Image
 from playwright.async_api import Browser
 
 from imagebus.sites import SITES_DIR
-from schemas import GenerationParams, LoraRequest
+from schemas import Catalog, GenerationParams, LoraRequest, LoraSpec, ModelSpec
 from tests.fakes.site import PASSWORD, USERNAME, FakeSite, final_png, serve_site
 from tests.fixtures.browser import CHROMIUM_ARGS, chromium_path
 from workers.backends.base import (
@@ -39,6 +39,13 @@ from workers.backends.browser.steps import SiteFlowError
 
 FAKE_PROFILE = Path(__file__).parent / "fakes" / "site" / "profile.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The catalog a worker would be given: one model on the fake site, and a LoRA the site knows as
+# "Pixel Art" (a LoRA the catalog lacks, like "Neon Noir" below, is searched by its id).
+FAKE_CATALOG = Catalog(
+    default="fake-model",
+    models={"fake-model": ModelSpec(id="fake-model", description="fake", backend="browser", source="", site="fake")},
+    loras={"pixel-art": LoraSpec(id="pixel-art", name="Pixel Art", source="fake:pixel-art")},
+)
 
 
 @dataclass
@@ -74,14 +81,13 @@ async def running_backend(
     site: Site, profile: SiteProfile | None = None, *, pages: int = 1
 ) -> AsyncIterator[BrowserBackend]:
     chosen = profile or site.profile
-    backend = BrowserBackend(
+    backend = BrowserBackend.from_catalog(
+        FAKE_CATALOG,
         {chosen.id: chosen},
         executable_path=str(chromium_path()),
         pages=pages,
         storage_state_dir=site.state_dir,
         launch_args=CHROMIUM_ARGS,
-        model_sites={"fake-model": chosen.id},
-        lora_names={"pixel-art": "Pixel Art"},
     )
     try:
         await backend.prepare("fake-model")
@@ -175,6 +181,32 @@ async def test_an_unknown_lora_fails_clearly_and_is_never_dropped(site: Site) ->
         assert_site_image(image, "a quiet harbour", (), site)
 
 
+async def test_a_lora_left_applied_in_the_stored_session_is_removed_before_a_job(site: Site) -> None:
+    # The operator saved the session while a LoRA was selected (the site keeps it in local storage).
+    state = site.fake.storage_state(site.base_url)
+    state["origins"] = [{"origin": site.base_url, "localStorage": [{"name": "fake.loras", "value": '["Neon Noir"]'}]}]
+    site.save_state(state)
+    async with running_backend(site) as backend:
+        [image] = await backend.generate(job("a clean slate")[0])
+        assert site.fake.generations[-1].loras == ()
+        assert_site_image(image, "a clean slate", (), site)
+
+
+async def test_a_job_cancelled_from_outside_leaves_a_page_the_next_job_can_use(site: Site) -> None:
+    site.fake.frames, site.fake.frame_delay_s = 10, 0.3
+    async with running_backend(site) as backend:
+        running = asyncio.create_task(backend.generate(job("a long night", loras=("pixel-art",))[0]))
+        await site.fake.wait_for_generations(1)
+        running.cancel()  # the worker shutting down past its grace period
+        with pytest.raises(asyncio.CancelledError):
+            await running
+
+        site.fake.frame_delay_s = 0.05
+        [image] = await backend.generate(job("a short night")[0])
+        assert site.fake.generations[-1].loras == ()
+        assert_site_image(image, "a short night", (), site)
+
+
 async def test_a_login_wall_fails_clearly_until_the_stored_session_is_refreshed(site: Site, browser: Browser) -> None:
     state_file = site.state_dir / "fake.json"
     state_file.unlink()
@@ -215,7 +247,8 @@ async def test_a_page_that_crashes_mid_generation_is_replaced_and_the_job_retrie
         running = asyncio.create_task(backend.generate(request))
         await site.fake.wait_for_generations(1)
         assert backend.browser is not None
-        [page] = [page for context in backend.browser.contexts for page in context.pages]
+        # The job's page (a quota read may have a page of its own open meanwhile).
+        [page] = [p for context in backend.browser.contexts for p in context.pages if p.url.endswith("/create")]
         cdp = await page.context.new_cdp_session(page)
         crashed = time.monotonic()
         crash = asyncio.create_task(cdp.send("Page.crash"))  # never answers: the page is gone
@@ -314,3 +347,21 @@ def test_profiles_load_from_json_and_refuse_what_they_cannot_run(tmp_path: Path)
 
     with pytest.raises(ValueError, match="model 'x' names site 'nowhere', which has no profile"):
         BrowserBackend(shipped, executable_path="/usr/bin/chromium", model_sites={"x": "nowhere"})
+
+
+def test_the_catalog_names_each_models_site_and_each_loras_search_name() -> None:
+    weights = ModelSpec(id="weights-flux", description="weights.com", backend="browser", source="", site="weights")
+    other = ModelSpec(id="tiny-sd", description="tiny", source="builtin:tiny-sd")
+    lora = LoraSpec(id="pixel-art", name="Pixel Art", source="weights:pixel-art")
+    catalog = Catalog(default="tiny-sd", models={m.id: m for m in (weights, other)}, loras={lora.id: lora})
+    backend = BrowserBackend.from_catalog(
+        catalog, load_site_profiles(SITES_DIR), executable_path="/usr/bin/chromium", pages=3
+    )
+    assert backend.profile_for("weights-flux").id == "weights"
+    assert backend.concurrency == 3
+    with pytest.raises(ValueError, match="model 'tiny-sd' has no site profile"):
+        BrowserBackend.from_catalog(
+            catalog.model_copy(update={"models": {**catalog.models, "x": weights.model_copy(update={"id": "x"})}}),
+            {**load_site_profiles(SITES_DIR), "other": load_site_profile(FAKE_PROFILE)},
+            executable_path="/usr/bin/chromium",
+        ).profile_for("tiny-sd")

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
 from playwright.async_api import Browser
 from playwright.async_api import Error as PlaywrightError
 
-from schemas import GenerationParams
+from schemas import Catalog, GenerationParams
 from workers.backends.base import (
     GeneratedImage,
     GenerationCanceled,
@@ -72,6 +72,35 @@ class BrowserBackend:
         self._last_quota: SiteQuota | None = None
         self._quota_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def from_catalog(
+        cls,
+        catalog: Catalog,
+        profiles: Mapping[str, SiteProfile],
+        *,
+        models: Collection[str] | None = None,
+        executable_path: str,
+        pages: int = 2,
+        storage_state_dir: Path | None = None,
+        headless: bool = True,
+        launch_args: Sequence[str] = (),
+    ) -> BrowserBackend:
+        """The backend for the catalog's browser models (``models``: this worker's pool, else all):
+        each model's ``site`` picks its profile, each LoRA is searched by its catalog ``name``."""
+        specs = [spec for spec in catalog.models.values() if spec.backend == "browser"]
+        if models is not None:
+            specs = [spec for spec in specs if spec.id in models]
+        return cls(
+            profiles,
+            executable_path=executable_path,
+            pages=pages,
+            storage_state_dir=storage_state_dir,
+            headless=headless,
+            launch_args=launch_args,
+            model_sites={spec.id: spec.site for spec in specs if spec.site},
+            lora_names={lora.id: lora.name for lora in catalog.loras.values()},
+        )
 
     @property
     def browser(self) -> Browser | None:

@@ -62,7 +62,7 @@ async def _run_step(
     match step.action:
         case "goto":
             assert value is not None
-            await page.goto(profile.url(value), timeout=profile.timeouts.page_load_s * 1000)
+            await page.goto(profile.url(value), timeout=(step.timeout_s or profile.timeouts.page_load_s) * 1000)
         case "fill":
             assert selector is not None and value is not None
             await page.locator(selector).first.fill(value, timeout=timeout_ms)
