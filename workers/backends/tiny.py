@@ -255,7 +255,9 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
             out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
+            # Head counts (the legacy name): fewer, wider heads than diffusers' test's (2, 4) cut
+            # the UNet's CPU time on a 1024-pixel image by about a third.
+            attention_head_dim=(1, 2),
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=_SDXL_TIME_EMBED_DIM,
