@@ -34,7 +34,8 @@ from workers.backends.base import (
     RetryableError,
 )
 from workers.backends.browser import BrowserBackend, SiteProfile, load_site_profile, load_site_profiles
-from workers.backends.browser.flow import GenerationTimedOut, SiteGenerationError, SiteSessionExpired
+from workers.backends.browser.flow import GenerationTimedOut, SiteGenerationError
+from workers.backends.browser.session import SiteSessionExpired
 from workers.backends.browser.steps import SiteFlowError
 
 FAKE_PROFILE = Path(__file__).parent / "fakes" / "site" / "profile.json"

@@ -27,10 +27,12 @@ from workers.backends.base import (
     SiteQuota,
 )
 from workers.backends.browser.capture import CapturedImage
-from workers.backends.browser.flow import JobRun, ensure_signed_in, first_line
+from workers.backends.browser.flow import JobRun
 from workers.backends.browser.pages import BrowserLaunch, PagePool, PageSlot
 from workers.backends.browser.profile import SiteProfile
 from workers.backends.browser.quota import read_quota
+from workers.backends.browser.session import ensure_signed_in
+from workers.backends.browser.steps import first_line
 
 log = structlog.get_logger(__name__)
 

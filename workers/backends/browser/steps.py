@@ -105,3 +105,8 @@ async def _wait_for(
     if not await wanted.is_visible():
         reason = fill_in(step.error, values) if step.error else f"{step.fail_selector!r} appeared"
         raise SiteFlowError(f"{profile.name}: {reason}")
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
