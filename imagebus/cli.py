@@ -19,13 +19,19 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", type=Path, default=Path(".imagebus"), help="where state lives")
     up.add_argument("--workers", type=int, default=1, help="diffusers worker processes (default 1)")
     up.add_argument("--model", default=None, help="default model: a catalog id, hub id or local folder")
+    up.add_argument(
+        "--backends",
+        default="diffusers,remote,browser",
+        help="worker pools to start, comma-separated (default diffusers,remote,browser)",
+    )
 
     ingress = sub.add_parser("ingress", help="the HTTP API")
     ingress.add_argument("--host", default=None)
     ingress.add_argument("--port", type=int, default=None)
 
     worker = sub.add_parser("worker", help="a worker for one backend")
-    worker.add_argument("--backend", default=None, help="diffusers (default)")
+    worker.add_argument("--backend", default=None, choices=["diffusers", "remote", "browser"], help="default diffusers")
+    worker.add_argument("--pool", default=None, help="serve only this catalog pool's models (its own queue)")
 
     projector = sub.add_parser("projector", help="events → read model")
     projector.add_argument("--rebuild", action="store_true", help="replay the whole log into a fresh model")
@@ -61,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         configure_logging(ingress.log_format, ingress.log_level)
         _run(roles.run_ingress(ingress))
     elif args.command == "worker":
-        worker = settings.WorkerSettings(**({"backend": args.backend} if args.backend else {}))
+        overrides = {k: v for k, v in {"backend": args.backend, "pool": args.pool}.items() if v is not None}
+        worker = settings.WorkerSettings(**overrides)
         configure_logging(worker.log_format, worker.log_level)
         _run(roles.run_worker(worker))
     elif args.command == "projector":

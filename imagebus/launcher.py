@@ -126,7 +126,14 @@ def run_stack(settings: LauncherSettings, args: argparse.Namespace) -> int:
         roles.append(_role("reaper", ["reaper"], data_dir, child_env).start())
         # CPU workers share the cores; on a GPU machine the GPU does the work and this matters little.
         threads = str(max(1, (os.cpu_count() or 1) // max(1, args.workers)))
-        for index in range(args.workers):
+        backends = [name.strip() for name in args.backends.split(",") if name.strip()]
+        for backend in backends:
+            if backend != "diffusers":
+                # Network-bound: one process each runs many jobs at once.
+                name = f"worker-{backend}-1"
+                worker_env = {**child_env, "IMAGEBUS_WORKER_WORKER_ID": name}
+                roles.append(_role(name, ["worker", "--backend", backend], data_dir, worker_env).start())
+        for index in range(args.workers if "diffusers" in backends else 0):
             name = f"worker-diffusers-{index + 1}"
             worker_env = {
                 **child_env,

@@ -131,6 +131,20 @@ def build_backend(name: str, loaded: LoadedCatalog, settings: WorkerSettings) ->
 
         tokens = {endpoint: token.get_secret_value() for endpoint, token in settings.remote_tokens.items()}
         return RemoteBackend(catalog, tokens, concurrency=settings.remote_concurrency)
+    if name == "browser":
+        from imagebus.sites import SITES_DIR
+        from workers.backends.browser import BrowserBackend, load_site_profiles
+
+        return BrowserBackend.from_catalog(
+            catalog,
+            load_site_profiles(settings.sites_dir or SITES_DIR),
+            models=served,
+            executable_path=settings.browser_executable,
+            pages=settings.browser_pages,
+            storage_state_dir=settings.storage_state_dir,
+            headless=settings.headless,
+            launch_args=settings.browser_args,
+        )
     raise SystemExit(f"unknown backend {name!r}; available: diffusers, remote, browser")
 
 

@@ -123,6 +123,17 @@ class WorkerSettings(_RoleSettings, _BusMixin, _S3Mixin, _CatalogMixin):
     sites_dir: Path | None = None
     storage_state_dir: Path | None = None
     headless: bool = True
+    # Extra Chromium flags; add "--no-sandbox" when the worker runs as root in a container.
+    browser_args: list[str] = Field(
+        default_factory=lambda: [
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ]
+    )
 
 
 class ProjectorSettings(_RoleSettings, _BusMixin, _DatabaseMixin):

@@ -66,11 +66,13 @@ def resolve_params(
     width = request.width or spec.default_width
     height = request.height or spec.default_height
     steps = request.num_inference_steps or spec.default_steps
+    # Flux packs 2x2 latent patches over an 8x VAE: its sizes step by 16 (it would silently round down).
+    multiple = 16 if spec.family == "flux" else 8
     for name, value, limit in (("width", width, spec.max_width), ("height", height, spec.max_height)):
         if value > limit:
             raise ApiError(400, f"{name} {value} exceeds the maximum {limit} of model {spec.id}")
-        if value % 8:
-            raise ApiError(400, f"{name} must be a multiple of 8, got {value}")
+        if value % multiple:
+            raise ApiError(400, f"{name} must be a multiple of {multiple} for model {spec.id}, got {value}")
     if steps > spec.max_steps:
         raise ApiError(400, f"num_inference_steps {steps} exceeds the maximum {spec.max_steps} of {spec.id}")
     if request.num_images > spec.max_images:

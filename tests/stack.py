@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,9 +81,13 @@ async def running_stack(
     workers: int = 1,
     ack_wait_s: float = 30.0,
     catalog: Catalog | None = None,
+    extra_workers: Sequence[tuple[Backend, str | None]] = (),
     **config_overrides: Any,
 ) -> AsyncIterator[Stack]:
-    """``config_overrides`` are IngressConfig fields (allow_anonymous, quota, stall_after_s, ...)."""
+    """``config_overrides`` are IngressConfig fields (allow_anonymous, quota, stall_after_s, ...).
+
+    ``extra_workers``: more workers, each a backend and the queue (catalog pool) it serves.
+    """
     catalog = catalog or load_catalog()
     options = BusOptions(namespace=f"t{uuid.uuid4().hex[:10]}", ack_wait_s=ack_wait_s, max_deliveries=3)
     database = create_database(database_url)
@@ -119,6 +123,16 @@ async def running_stack(
                 store,
                 backend,
                 WorkerOptions(worker_id=f"test-worker-{index}", image_ttl_s=image_ttl_s, max_deliveries=3),
+            )
+            tasks.append(asyncio.create_task(worker.run(stop=stop)))
+        for index, (extra, queue) in enumerate(extra_workers):
+            worker = Worker(
+                await connect(),
+                store,
+                extra,
+                WorkerOptions(
+                    worker_id=f"extra-worker-{index}", image_ttl_s=image_ttl_s, max_deliveries=3, queue=queue
+                ),
             )
             tasks.append(asyncio.create_task(worker.run(stop=stop)))
         async with AsyncTestClient(app) as client:

@@ -201,6 +201,7 @@ async def test_queue_stats_reset_of_stalled_jobs_quota_and_loras(
             "usage": {"active_jobs": 2, "daily_images": 4},
             "limits": {"active_jobs": 2, "daily_images": 5},
             "remaining": {"active_jobs": 0, "daily_images": 1},
+            "upstream": [],
         }
         # Bob has his own quota.
         assert (

@@ -341,6 +341,12 @@ def load_pipeline(spec: ModelSpec, placement: Placement, *, cpu_offload: bool = 
         extra: dict[str, Any] = {"variant": spec.variant} if spec.variant else {}
         # A hub id loads from the local Hugging Face cache, or downloads when the network allows.
         pipeline = pipeline_class.from_pretrained(source, dtype=placement.dtype, **extra)
+    # Inference only. Besides saving memory, it keeps LoRA unloading exact: peft turns gradients off
+    # on the layers it wraps and leaves them off, and on the CPU a layer that wants gradients takes
+    # another kernel path, so a model that started out "trainable" would drift after one LoRA job.
+    for component in pipeline.components.values():
+        if hasattr(component, "requires_grad_"):
+            component.requires_grad_(False)
     if cpu_offload and placement.kind == "cuda":
         # Submodules move to the card only while they run: big models on small cards, slower.
         pipeline.enable_model_cpu_offload(device=placement.device)
