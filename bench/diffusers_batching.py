@@ -50,7 +50,7 @@ async def throughput(store: ObjectStore, args: argparse.Namespace, max_batch: in
             owner="bench",
             backend="diffusers",
             params=params(args.model, args.size, args.steps, seed),
-        )  # fmt: skip
+        )
         for seed, job_id in enumerate(uuid.uuid4().hex for _ in range(args.jobs))
     ]
     try:
