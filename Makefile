@@ -40,6 +40,8 @@ test: lint typecheck unit
 
 bench: install
 	$(PY) bench/overhead.py
+	$(PY) bench/diffusers_batching.py
+	$(PY) bench/remote_throughput.py
 
 clean:
 	rm -rf $(VENV) .imagebus .pytest_cache .mypy_cache .ruff_cache
