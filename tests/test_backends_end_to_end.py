@@ -20,7 +20,7 @@ from tests.fakes.image_api import FakeImageApi
 from tests.lora_files import write_tiny_lora
 from tests.slow_backend import SharedBackend
 from tests.stack import auth, running_stack
-from workers.backends.base import Backend, GeneratedImage, JobRequest
+from workers.backends.base import Backend, GeneratedImage, JobRequest, SiteQuota
 from workers.backends.diffusers import DiffusersBackend, DiffusersOptions
 from workers.backends.remote import RemoteBackend
 
@@ -152,3 +152,38 @@ async def test_a_model_in_a_pool_runs_only_on_that_pools_workers(
         assert job["status"] == "completed", job
         events = await stack.events_for(job_id)
         assert [e.worker_id for e in events if e.type == "JobStarted"] == ["extra-worker-0"]
+
+
+class QuotaReadingBackend(SharedBackend):
+    """A backend whose outside service reports a quota, as the browser backend reads a site's."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.used = 0
+
+    async def generate(self, job: JobRequest) -> list[GeneratedImage]:
+        images = await super().generate(job)
+        self.used += len(images)
+        return images
+
+    async def site_quota(self) -> SiteQuota | None:
+        return SiteQuota(source="example.site", used=self.used, limit=50, remaining=50 - self.used)
+
+
+async def test_an_upstream_quota_read_by_a_worker_shows_in_both_quota_routes(
+    nats_url: str, storage_config: S3Config, database_url: str, tiny_backend: Backend
+) -> None:
+    backend = QuotaReadingBackend(tiny_backend)
+    async with running_stack(nats_url, storage_config, database_url, backend) as stack:
+        job_id = await _submit(stack, {"prompt": "q", "width": 64, "height": 64, "num_inference_steps": 2})
+        await stack.wait_for_status(job_id, {"completed"})
+        for _ in range(100):
+            quota = (await stack.client.get("/api/quota", headers=auth())).json()
+            if quota["upstream"]:
+                break
+            await asyncio.sleep(0.05)
+        assert [(q["source"], q["used"], q["limit"], q["remaining"]) for q in quota["upstream"]] == [
+            ("example.site", 1, 50, 49)
+        ]
+        weights = (await stack.client.get("/quota", headers=auth())).json()
+        assert weights["upstream"][0]["remaining"] == 49

@@ -25,7 +25,7 @@ def _spec(model_id: str) -> ModelSpec:
         id=model_id,
         description="tiny",
         source=f"builtin:{model_id}",
-        family=FAMILIES[model_id],  # type: ignore[arg-type]
+        family=FAMILIES[model_id],
         random_weights=True,
         default_width=64,
         default_height=64,
@@ -246,5 +246,23 @@ async def test_a_pinned_worker_refuses_models_outside_its_pool(catalog: Catalog)
         with pytest.raises(ValueError, match="not served by this worker"):
             await backend.prepare("tiny-sd")
         await backend.prepare("tiny-sdxl")
+    finally:
+        await backend.close()
+
+
+async def test_a_model_that_will_not_load_fails_the_job_clearly_and_the_backend_goes_on(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    broken_folder = tmp_path / "broken-model"
+    broken_folder.mkdir()
+    (broken_folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    broken = ModelSpec(id="broken", description="a folder that is not a model", source=str(broken_folder))
+    with_broken = catalog.model_copy(update={"models": {**catalog.models, "broken": broken}})
+    backend = DiffusersBackend(with_broken, DiffusersOptions(device="cpu"))
+    try:
+        with pytest.raises(Exception, match=r"(?i)broken-model|model_index|component|not found|missing"):
+            await backend.generate(JobRequest("job", _params("broken"), lambda _p: None))
+        assert backend.cache.loaded == []
+        assert len(await _images(backend, _params("tiny-sd"))) == 1
     finally:
         await backend.close()

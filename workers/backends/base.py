@@ -87,9 +87,7 @@ class GeneratedImage:
     seed: int | None
 
     @classmethod
-    def from_bytes(
-        cls, data: bytes, content_type: str, width: int, height: int, seed: int | None
-    ) -> GeneratedImage:
+    def from_bytes(cls, data: bytes, content_type: str, width: int, height: int, seed: int | None) -> GeneratedImage:
         return cls(io.BytesIO(data), len(data), content_type, width, height, seed)
 
     def read_all(self) -> bytes:

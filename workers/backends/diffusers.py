@@ -185,9 +185,7 @@ class DiffusersBackend:
         if live:
             try:
                 images = self._call_pipeline(live)
-            except BaseException as error:
-                if not isinstance(error, Exception):
-                    raise
+            except Exception as error:  # every job of the call gets it as its result
                 for job in live:
                     canceled = isinstance(error, GenerationCanceled) or job.cancel.canceled
                     results[id(job)] = GenerationCanceled(job.cancel.reason) if canceled else error
