@@ -26,10 +26,23 @@ async def test_models_and_info_describe_the_catalog(
         schema = info["models"]["tiny-sd"]["parameters"]
         assert schema["required"] == ["prompt"] and schema["additionalProperties"] is False
         assert schema["properties"]["width"] == {
-            "type": "integer", "minimum": 8, "maximum": 512, "multipleOf": 8, "default": 64,
+            "type": "integer", "minimum": 8, "maximum": 1024, "multipleOf": 8, "default": 64,
         }  # fmt: skip
         assert schema["properties"]["num_images"]["maximum"] == 8
         assert info["models"]["tiny-sd"]["loras"] == []
+        # The seeds' models, with what each can and cannot take.
+        assert {"sd-1.5", "sdxl", "illustrious", "sdxl-turbo", "sd-3.5", "flux-1", "flux-schnell", "chroma",
+                "z-image-turbo", "tiny-sdxl", "tiny-flux"} <= set(models["models"])  # fmt: skip
+        assert models["models"]["flux-1"]["supports_negative_prompt"] is False
+        schnell = info["models"]["flux-schnell"]["parameters"]["properties"]
+        assert schnell["guidance_scale"]["const"] == 0.0 and "negative_prompt" not in schnell
+        refused = await stack.client.post(
+            "/api/generate", json={"model": "flux-schnell", "prompt": "x", "guidance_scale": 3.5}, headers=auth()
+        )
+        assert refused.status_code == 400 and "does not use guidance_scale" in refused.json()["message"]
+        odd = await stack.client.post("/api/generate", json={"model": "tiny-flux", "prompt": "x", "width": 72},
+                                      headers=auth())  # fmt: skip
+        assert odd.status_code == 400 and "multiple of 16" in odd.json()["message"]
 
 
 async def test_job_list_is_the_callers_own_newest_first_and_paginated(

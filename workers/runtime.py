@@ -92,7 +92,7 @@ class Worker:
         self._runs: set[asyncio.Task[None]] = set()
         # Settlements of canceled batch members, made while their batch runs on.
         self._side_tasks: set[asyncio.Task[None]] = set()
-        self._linger: asyncio.TimerHandle | None = None
+        self._linger_due: float | None = None
         self._last_quota: SiteQuota | None = None
         self._room = asyncio.Event()
         self._room.set()
@@ -200,8 +200,10 @@ class Worker:
         remaining = first.held_at + self._options.batch_linger_s - loop.time()
         if remaining <= 0 or len(self._held) >= self._capacity:
             return False
-        if self._linger is None or self._linger.cancelled() or self._linger.when() <= loop.time():
-            self._linger = loop.call_later(remaining, self._dispatch)
+        # One timer at a time; its due time kept here since uvloop's handles do not tell it.
+        if self._linger_due is None or self._linger_due <= loop.time():
+            self._linger_due = loop.time() + remaining
+            loop.call_later(remaining, self._dispatch)
         return True
 
     def _take_batch(self) -> list[_Held]:

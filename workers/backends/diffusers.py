@@ -167,10 +167,10 @@ class DiffusersBackend:
         try:
             pipeline = load_pipeline(spec, self.placement, cpu_offload=self._options.cpu_offload)
         except Exception as error:
+            release_cached_memory(self.placement)
             if is_out_of_memory(error):
-                release_cached_memory(self.placement)
                 raise RuntimeError(f"out of memory loading model {model} on {self.placement.device}") from None
-            raise
+            raise ValueError(f"model {model} could not be loaded from {spec.source}: {error}") from error
         log.info("pipeline_built", model=model, seconds=round(time.perf_counter() - started, 3))
         return pipeline
 
@@ -261,7 +261,8 @@ class DiffusersBackend:
     def _lora_spec(self, lora_id: str) -> LoraSpec:
         spec = self._catalog.lora(lora_id)
         if spec is None:
-            raise ValueError(f"unknown LoRA {lora_id!r}")
+            # The ingress accepted it, so the two catalogs differ: say so rather than drop the LoRA.
+            raise ValueError(f"LoRA {lora_id} cannot be applied: this worker's catalog does not have it")
         return spec
 
 
