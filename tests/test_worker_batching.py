@@ -239,3 +239,26 @@ async def test_a_concurrent_backend_gets_up_to_its_concurrency_at_once(
     assert sorted(job for call in backend.calls for job in call) == sorted(c.job_id for c in commands)
     for command in commands:
         assert sum(isinstance(e, JobSucceeded) for e in await _events(batch_bus, command.job_id)) == 1
+
+
+def test_jobs_trickling_in_all_run_under_uvloop(object_store: ObjectStore) -> None:
+    """Roles run on uvloop, whose timers fire on a millisecond clock: jobs arriving a few ms apart
+    (inside each other's batch linger) must all run, none left waiting without a timer."""
+    import uvloop
+
+    async def scenario() -> list[int]:
+        bus = await connect_bus(f"memory://{uuid.uuid4().hex}", BusOptions(namespace=f"u{uuid.uuid4().hex[:8]}"))
+        backend = BatchingBackend(max_batch_images=4, steps=2, step_s=0.01)
+        commands = [_command(prompt=f"job {i}") for i in range(24)]
+        try:
+            run = asyncio.create_task(_worker(bus, object_store, backend, batch_linger_s=0.03).run(idle_timeout_s=1.0))
+            for command in commands:
+                await bus.publish_command(command)
+                await asyncio.sleep(0.007)
+            await asyncio.wait_for(run, 30)
+            return [sum(isinstance(e, JobSucceeded) for e in await _events(bus, c.job_id)) for c in commands]
+        finally:
+            await bus.close()
+
+    for _ in range(3):
+        assert uvloop.run(scenario()) == [1] * 24

@@ -92,7 +92,7 @@ class Worker:
         self._runs: set[asyncio.Task[None]] = set()
         # Settlements of canceled batch members, made while their batch runs on.
         self._side_tasks: set[asyncio.Task[None]] = set()
-        self._linger_due: float | None = None
+        self._linger_pending = False
         self._last_quota: SiteQuota | None = None
         self._room = asyncio.Event()
         self._room.set()
@@ -200,11 +200,17 @@ class Worker:
         remaining = first.held_at + self._options.batch_linger_s - loop.time()
         if remaining <= 0 or len(self._held) >= self._capacity:
             return False
-        # One timer at a time; its due time kept here since uvloop's handles do not tell it.
-        if self._linger_due is None or self._linger_due <= loop.time():
-            self._linger_due = loop.time() + remaining
-            loop.call_later(remaining, self._dispatch)
+        # One timer at a time. When it fires the waiting jobs go without lingering again: timers may
+        # fire a little early by the loop's clock (uvloop rounds to milliseconds), and a second
+        # linger decided then would leave the job waiting with no timer at all.
+        if not self._linger_pending:
+            self._linger_pending = True
+            loop.call_later(remaining, self._linger_over)
         return True
+
+    def _linger_over(self) -> None:
+        self._linger_pending = False
+        self._dispatch(linger=False)
 
     def _take_batch(self) -> list[_Held]:
         """The oldest waiting job, plus the waiting jobs the backend can run in the same call."""
