@@ -76,6 +76,8 @@ class RemoteEndpoint(BaseModel):
     timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=3, ge=0, le=10)
     max_image_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    # Hosted APIs refuse keyless calls: fail such jobs at once instead of asking (local servers may not).
+    token_required: bool = False
 
 
 class LoraSpec(BaseModel):

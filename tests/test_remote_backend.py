@@ -579,6 +579,17 @@ async def test_a_missing_token_is_refused_as_the_api_says(
         await generate(backend, params("fake-b64"))
 
 
+async def test_an_endpoint_that_needs_a_token_fails_at_once_without_one(
+    api: FakeImageApi, make_backend: Callable[..., RemoteBackend]
+) -> None:
+    keyed = catalog(api)
+    endpoints = {key: value.model_copy(update={"token_required": True}) for key, value in keyed.endpoints.items()}
+    backend = make_backend(keyed.model_copy(update={"endpoints": endpoints}), {})
+    with pytest.raises(RemoteApiError, match="needs an API token and this worker has none: set IMAGEBUS_WORKER_REMOTE"):
+        await generate(backend, params("fake-b64"))
+    assert api.generation_requests() == []
+
+
 # --- the rest of the protocol --------------------------------------------------------------------
 
 

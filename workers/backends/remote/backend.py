@@ -48,6 +48,7 @@ class RemoteBackend:
         self._http = httpx.AsyncClient(
             trust_env=False, limits=httpx.Limits(max_connections=None, max_keepalive_connections=self.concurrency)
         )
+        self._tokens = {endpoint: token for endpoint, token in tokens.items() if token}
         self._quotas: dict[str, SiteQuota] = {}
         self._last_quota: str | None = None
         policy = retry_policy or RetryPolicy()
@@ -71,6 +72,11 @@ class RemoteBackend:
         spec = self._spec(job.params.model)
         assert spec.endpoint is not None  # the catalog guarantees it for remote models
         client = self._clients[spec.endpoint]
+        if client.endpoint.token_required and not self._tokens.get(spec.endpoint):
+            raise RemoteApiError(
+                f"endpoint {spec.endpoint!r} needs an API token and this worker has none: "
+                f'set IMAGEBUS_WORKER_REMOTE_TOKENS=\'{{"{spec.endpoint}": "<token>"}}\''
+            )
         job.cancel.raise_if_canceled()
         dialect = openai_images if client.endpoint.kind == "openai" else chutes_images
         work = asyncio.ensure_future(dialect.generate(client, job, spec))
