@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
+from litestar import Request
 
 from bus import Bus
 from ingress.config import QuotaLimits
@@ -123,6 +126,47 @@ def _resolve_loras(catalog: Catalog, spec: ModelSpec, wanted: list[LoraRequest])
     return tuple(resolved)
 
 
+_IDEMPOTENCY_NAMESPACE = uuid.UUID("5f0c7c1e-6a57-4c55-9b1e-1f1d0e7a9c42")
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+
+
+def idempotency_key_of(request: Request[Any, Any, Any]) -> str | None:
+    """The request's ``Idempotency-Key`` header, if it has one."""
+    return request.headers.get("idempotency-key")
+
+
+def fixed_job_id(owner: str, job_id: str | None, idempotency_key: str | None) -> str | None:
+    """The job id a PUT names (a UUID), or the one an Idempotency-Key stands for (per owner)."""
+    if job_id is not None:
+        normalized = normalized_id(job_id)
+        if not valid_id(normalized):
+            raise ApiError(400, f"job id {job_id!r} must be a UUID (32 hex digits, dashes allowed)")
+        return normalized
+    if idempotency_key is None:
+        return None
+    if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS or not idempotency_key.isprintable():
+        raise ApiError(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable characters")
+    # Scoped by owner: two keys' clients choosing the same Idempotency-Key get different jobs.
+    return uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{owner}\n{idempotency_key}").hex
+
+
+def _replayed(existing: JobRecord, owner: str, params: GenerationParams, dialect: str) -> JobAccepted:
+    """The answer to a repeated submit: the same job if the request is the same, else 409."""
+    if existing.owner != owner:
+        raise ApiError(409, f"job id {existing.id} is already in use; choose another")
+    if existing.params != params or existing.dialect != dialect:
+        raise ApiError(409, f"job {existing.id} was submitted with a different request; use a new key or id")
+    return JobAccepted(
+        job_id=existing.id,
+        status=existing.status,
+        model=existing.params.model,
+        num_images=existing.params.num_images,
+        created_at=existing.created_at,
+        status_url=f"/api/jobs/{existing.id}",
+        message=f"Job already submitted with this id ({existing.status.value})",
+    )
+
+
 class JobService:
     def __init__(
         self,
@@ -140,10 +184,25 @@ class JobService:
         self._quota = quota
         self.signer = signer
 
-    async def submit(self, request: GenerateRequest, owner: str, dialect: str = "native") -> JobAccepted:
+    async def submit(
+        self,
+        request: GenerateRequest,
+        owner: str,
+        dialect: str = "native",
+        *,
+        job_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> JobAccepted:
+        """Queue a job. With a client-chosen ``job_id`` (PUT) or an ``idempotency_key`` the same
+        request again answers the same job, and another request under that id gets 409."""
         spec, params = resolve_params(self._catalog, request, lenient_negative_prompt=dialect == "cyberimage")
+        fixed_id = fixed_job_id(owner, job_id, idempotency_key)
+        if fixed_id is not None:
+            existing = await self._read_model.get_job(fixed_id, None)
+            if existing is not None:
+                return _replayed(existing, owner, params, dialect)
         await self._check_quota(owner, params.num_images)
-        job_id = new_id()
+        job_id = fixed_id or new_id()
         queued = JobQueued(job_id=job_id, owner=owner, backend=spec.backend, params=params, dialect=dialect)
         structlog.contextvars.bind_contextvars(job_id=job_id)
         try:
@@ -155,6 +214,11 @@ class JobService:
         command = GenerateImage(
             job_id=job_id, message_id=job_id, owner=owner, backend=spec.backend, pool=spec.pool, params=params
         )
+        if fixed_id is not None and not await self._read_model.record_queued(queued):
+            # A concurrent submit of the same id got there first and publishes the command itself.
+            twin = await self._read_model.get_job(job_id, None)
+            assert twin is not None  # its row is what made ours lose
+            return _replayed(twin, owner, params, dialect)
         # Read-your-writes: the row the projector will write anyway, written now, while the command
         # is already on its way to a worker (the row is insert-if-absent, so order does not matter).
         enqueued, recorded = await asyncio.gather(

@@ -113,15 +113,24 @@ class ReadModel:
         """Hide the image now (read-your-writes for DELETE); the ImageDeleted event does the same."""
         return await self._database.write(lambda conn: mark_image_deleted(conn, image_id, owner))
 
-    async def record_queued(self, event: JobQueued) -> None:
-        """Write the row the projector will write for ``event``, unless it is already there.
+    async def record_queued(self, event: JobQueued) -> bool:
+        """Write the row the projector will write for ``event``, unless it is already there; True
+        when the job's row is this event's (so this submit created the job).
 
         Called by the ingress right after publishing, so a read right after 202 never 404s.
         Insert-if-absent: if the projector got there first (and maybe moved the job on), its
         row stands. The projector's position is not touched; it applies the event as usual.
+        Two submits of one client-chosen job id both publish a JobQueued; the row's created_at
+        (the first event to land, by the ingress or the projector) names the one that won.
         """
         row = queued_row(event).to_columns()
-        await self._database.write(lambda conn: insert_if_absent(conn, jobs, [row]))
+
+        def insert(conn: Connection) -> bool:
+            insert_if_absent(conn, jobs, [row])
+            created = conn.execute(select(jobs.c.created_at).where(jobs.c.id == event.job_id)).scalar_one()
+            return bool(created == row["created_at"])
+
+        return await self._database.write(insert)
 
 
 def _select_job(conn: Connection, job_id: str, owner: str | None) -> JobRecord | None:

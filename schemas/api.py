@@ -82,7 +82,8 @@ class GenerateBody(BaseModel):
 
 class JobAccepted(BaseModel):
     job_id: str
-    status: Literal["pending"] = "pending"
+    # "pending" for a new job; a replayed idempotent submit answers the job's current status.
+    status: JobStatus = JobStatus.PENDING
     model: str
     num_images: int
     created_at: datetime

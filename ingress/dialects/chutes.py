@@ -19,6 +19,7 @@ from ingress.auth import require_owner
 from ingress.dialects.weights import absolute_url
 from ingress.errors import ApiError
 from ingress.images import check_page
+from ingress.jobs import idempotency_key_of
 from ingress.routes.native import services_of
 from ingress.services import Services
 from projector.readside import JobRecord
@@ -85,7 +86,10 @@ async def generate(request: Request[Any, Any, Any], data: JSONBody[ChutesGenerat
     services = services_of(request)
     owner = require_owner(services.keyring, request)
     accepted = await services.jobs.submit(
-        GenerateRequest.model_validate(data.model_dump(exclude_none=True)), owner, dialect="chutes"
+        GenerateRequest.model_validate(data.model_dump(exclude_none=True)),
+        owner,
+        dialect="chutes",
+        idempotency_key=idempotency_key_of(request),
     )
     return {"id": task_id(accepted.job_id), "status": "pending", "message": "Task queued successfully"}
 

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from ingress.auth import require_owner
 from ingress.catalog_views import search_loras
 from ingress.errors import ApiError
+from ingress.jobs import idempotency_key_of
 from ingress.quota import usage_of, weights_quota
 from ingress.routes.native import services_of
 from ingress.services import Services
@@ -111,7 +112,9 @@ async def generate_image(
         if lora is None:
             raise ApiError(400, f"unknown LoRA {lora_name!r}; find one with /search-loras?query=")
         lora_id = lora.id
-    accepted = await services.jobs.submit(_request(prompt, lora_id), owner, dialect="weights")
+    accepted = await services.jobs.submit(
+        _request(prompt, lora_id), owner, dialect="weights", idempotency_key=idempotency_key_of(request)
+    )
     return {
         "success": True,
         "imageId": accepted.job_id,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from litestar import Request, Router, get, post
+from litestar import Request, Router, get, post, put
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from ingress.auth import require_admin, require_owner
@@ -12,6 +12,7 @@ from ingress.catalog_views import info, model_list, search_loras
 from ingress.enrich import enrich
 from ingress.errors import ApiError
 from ingress.images import check_page
+from ingress.jobs import idempotency_key_of
 from ingress.queue import queue_stats, reset_stalled
 from ingress.quota import native_quota, usage_of
 from ingress.routes.images import native_image_handlers
@@ -37,12 +38,28 @@ def services_of(request: Request[Any, Any, Any]) -> Services:
     return services
 
 
-@post("/generate", status_code=202, summary="Queue a text-to-image job (flat fields, or model_id + settings)")
+def _dialect_of(data: GenerateBody) -> str:
+    return "cyberimage" if data.model_id is not None or data.settings is not None else "native"
+
+
+@post(
+    "/generate",
+    status_code=202,
+    summary="Queue a text-to-image job (flat fields, or model_id + settings); Idempotency-Key honoured",
+)
 async def generate(request: Request[Any, Any, Any], data: JSONBody[GenerateBody]) -> JobAccepted:
     services = services_of(request)
     owner = require_owner(services.keyring, request)
-    dialect = "cyberimage" if data.model_id is not None or data.settings is not None else "native"
-    return await services.jobs.submit(data.to_request(), owner, dialect=dialect)
+    return await services.jobs.submit(
+        data.to_request(), owner, dialect=_dialect_of(data), idempotency_key=idempotency_key_of(request)
+    )
+
+
+@put("/jobs/{job_id:str}", status_code=202, summary="Queue a job under a client-chosen id (a UUID); idempotent")
+async def put_job(request: Request[Any, Any, Any], job_id: FromPath[str], data: JSONBody[GenerateBody]) -> JobAccepted:
+    services = services_of(request)
+    owner = require_owner(services.keyring, request)
+    return await services.jobs.submit(data.to_request(), owner, dialect=_dialect_of(data), job_id=job_id)
 
 
 @get("/jobs/{job_id:str}", summary="A job's status, progress and images")
@@ -125,6 +142,7 @@ native_router = Router(
     path="/api",
     route_handlers=[
         generate,
+        put_job,
         get_job,
         cancel_job,
         list_jobs,
