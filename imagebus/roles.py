@@ -241,7 +241,11 @@ def ingress_config(settings: IngressSettings) -> IngressConfig:
         max_body_bytes=settings.max_body_bytes,
         admin_keys=_keys(settings.admin_keys),
         allow_anonymous=settings.allow_anonymous,
-        quota=QuotaLimits(active_jobs=settings.quota_active_jobs, daily_images=settings.quota_daily_images),
+        quota=QuotaLimits(
+            active_jobs=settings.quota_active_jobs,
+            daily_images=settings.quota_daily_images,
+            max_queue_depth=settings.max_queue_depth,
+        ),
         stall_after_s=settings.stall_after_s,
         enrich=EnrichConfig(
             url=settings.enrich_url,

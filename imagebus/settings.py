@@ -78,6 +78,8 @@ class IngressSettings(_RoleSettings, _BusMixin, _S3Mixin, _DatabaseMixin, _Catal
     allow_anonymous: bool = False
     quota_active_jobs: int = 40
     quota_daily_images: int = 1500
+    # Commands waiting in one queue before submits to it are refused with 429.
+    max_queue_depth: int = 10_000
     # A processing job with no event for this long is stalled (POST /api/reset_queue).
     stall_after_s: float = 600.0
     # An OpenAI-compatible endpoint (".../v1") for POST /api/enrich; templates when unset.

@@ -18,6 +18,9 @@ class QuotaLimits:
     active_jobs: int = 40
     # Images asked for since midnight UTC.
     daily_images: int = 1500
+    # Global: commands waiting in one queue (a backend's or a pool's). Beyond it submits get 429
+    # instead of growing a backlog no one will wait for.
+    max_queue_depth: int = 10_000
 
 
 @dataclass(frozen=True)

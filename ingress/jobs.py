@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -126,6 +127,7 @@ def _resolve_loras(catalog: Catalog, spec: ModelSpec, wanted: list[LoraRequest])
     return tuple(resolved)
 
 
+_QUEUE_DEPTH_TTL_S = 1.0
 _IDEMPOTENCY_NAMESPACE = uuid.UUID("5f0c7c1e-6a57-4c55-9b1e-1f1d0e7a9c42")
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
@@ -183,6 +185,8 @@ class JobService:
         self._catalog = catalog
         self._quota = quota
         self.signer = signer
+        # Per queue: when the broker was last asked for its depth, and the depth since counted up.
+        self._queue_depths: dict[str, tuple[float, int]] = {}
 
     async def submit(
         self,
@@ -202,6 +206,7 @@ class JobService:
             if existing is not None:
                 return _replayed(existing, owner, params, dialect)
         await self._check_quota(owner, params.num_images)
+        await self._check_queue_depth(spec.queue)
         job_id = fixed_id or new_id()
         queued = JobQueued(job_id=job_id, owner=owner, backend=spec.backend, params=params, dialect=dialect)
         structlog.contextvars.bind_contextvars(job_id=job_id)
@@ -238,6 +243,31 @@ class JobService:
             status_url=f"/api/jobs/{job_id}",
             message=f"Image generation job submitted successfully for {params.num_images} image(s)",
         )
+
+    async def _check_queue_depth(self, queue: str) -> None:
+        """429 when the queue already holds ``max_queue_depth`` commands (asked of the broker at most
+        once a second per queue, so a burst may overshoot by what arrives in that second)."""
+        now = time.monotonic()
+        checked = self._queue_depths.get(queue)
+        if checked is None or now - checked[0] > _QUEUE_DEPTH_TTL_S:
+            try:
+                depth = await self._bus.command_backlog(queue)
+            except Exception as exc:  # the publish right after will say what is wrong with the bus
+                log.warning("queue_depth_unknown", queue=queue, error=str(exc))
+                return
+            checked = (now, depth)
+            self._queue_depths[queue] = checked
+        else:
+            # Count our own submits since the reading, so one replica cannot overshoot by a burst.
+            checked = (checked[0], checked[1] + 1)
+            self._queue_depths[queue] = checked
+        limit = self._quota.max_queue_depth
+        if checked[1] >= limit:
+            raise ApiError(
+                429,
+                f"the queue for {queue} is full ({checked[1]} jobs waiting, limit {limit}); try again later",
+                headers={"Retry-After": "10"},
+            )
 
     async def _check_quota(self, owner: str, num_images: int) -> None:
         now = datetime.now(UTC)
