@@ -78,7 +78,7 @@ class EventReader:
         while (wait := _fetch_wait(deadline)) is not None:
             assert self._sub is not None
             try:
-                msgs = await self._sub.fetch(_EVENT_BATCH, timeout=wait)
+                msgs = await cancellable_fetch(self._sub, _EVENT_BATCH, wait)
             except TimeoutError:
                 continue
             except APIError:
@@ -111,10 +111,28 @@ async def pull_one(sub: JetStreamContext.PullSubscription, idle_timeout_s: float
     deadline = _deadline(idle_timeout_s)
     while (wait := _fetch_wait(deadline)) is not None:
         try:
-            return (await sub.fetch(1, timeout=wait))[0]
+            return (await cancellable_fetch(sub, 1, wait))[0]
         except TimeoutError:
             continue
     return None
+
+
+async def cancellable_fetch(sub: JetStreamContext.PullSubscription, batch: int, wait_s: float) -> list[Msg]:
+    """``sub.fetch`` that gives way to a cancel at once.
+
+    nats-py waits inside a task of its own through ``asyncio.wait_for``, which on Python 3.11 can
+    swallow a cancel that lands as a message arrives; the fetch then goes on waiting and a stopping
+    projector or worker hung for its whole timeout. Shielded, our side of the wait ends on cancel
+    while the fetch is told to stop and left to finish on its own.
+    """
+    fetch = asyncio.ensure_future(sub.fetch(batch, timeout=wait_s))
+    try:
+        return await asyncio.shield(fetch)
+    except asyncio.CancelledError:
+        fetch.cancel()
+        # Whatever it ends with is nobody's business now; retrieving it keeps asyncio quiet.
+        fetch.add_done_callback(lambda done: done.cancelled() or done.exception())
+        raise
 
 
 def _deadline(idle_timeout_s: float | None) -> float | None:
