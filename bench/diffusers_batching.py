@@ -13,23 +13,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
 import statistics
-import tempfile
 import time
-import uuid
-from pathlib import Path
 
 import structlog
+from worker_runs import bench_store, seconds_through_worker
 
-from bus import BusOptions, connect_bus
 from imagebus.catalog import load_catalog
-from imagebus.s3_server import start_s3_server
-from schemas import GenerateImage, GenerationParams, JobFailed, JobSucceeded
-from storage.object_store import ObjectStore, S3Config
+from schemas import GenerationParams
+from storage.object_store import ObjectStore
 from workers.backends.base import JobRequest
 from workers.backends.diffusers import DiffusersBackend, DiffusersOptions
-from workers.runtime import Worker, WorkerOptions
 
 
 def params(model: str, size: int, steps: int, seed: int) -> GenerationParams:
@@ -39,39 +33,10 @@ def params(model: str, size: int, steps: int, seed: int) -> GenerationParams:
 
 async def throughput(store: ObjectStore, args: argparse.Namespace, max_batch: int) -> float:
     """Images per second for ``args.jobs`` one-image jobs through a Worker."""
-    bus = await connect_bus(f"memory://{uuid.uuid4().hex}", BusOptions(namespace=f"b{uuid.uuid4().hex[:8]}"))
     backend = DiffusersBackend(load_catalog(), DiffusersOptions(max_batch_images=max_batch, preview_interval_s=0.5))
     await backend.prepare(args.model)
-    worker = Worker(bus, store, backend, WorkerOptions(worker_id="bench", heartbeat_interval_s=5.0))
-    commands = [
-        GenerateImage(
-            job_id=job_id,
-            message_id=job_id,
-            owner="bench",
-            backend="diffusers",
-            params=params(args.model, args.size, args.steps, seed),
-        )
-        for seed, job_id in enumerate(uuid.uuid4().hex for _ in range(args.jobs))
-    ]
-    try:
-        async with bus.watch_events() as live:
-            start = time.perf_counter()
-            run = asyncio.create_task(worker.run(idle_timeout_s=0.5))
-            for command in commands:
-                await bus.publish_command(command)
-            finished = 0
-            async for event in live:
-                if isinstance(event, JobFailed):
-                    raise RuntimeError(f"job {event.job_id} failed: {event.error}")
-                if isinstance(event, JobSucceeded):
-                    finished += 1
-                    if finished == args.jobs:
-                        break
-            seconds = time.perf_counter() - start
-            await run
-        return args.jobs / seconds
-    finally:
-        await bus.close()
+    jobs = [params(args.model, args.size, args.steps, seed) for seed in range(args.jobs)]
+    return args.jobs / await seconds_through_worker(backend, store, jobs)
 
 
 async def switches(args: argparse.Namespace, models: list[str], max_models: int) -> tuple[float, int]:
@@ -92,12 +57,7 @@ async def switches(args: argparse.Namespace, models: list[str], max_models: int)
 
 async def main(args: argparse.Namespace) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings and up
-    root = Path(tempfile.mkdtemp(prefix="imagebus-bench-s3-"))
-    server = start_s3_server(root / "data", access_key="bench", secret_key=secrets.token_urlsafe(24),
-                             log_path=root / "weed.log")  # fmt: skip
-    try:
-        store = ObjectStore(S3Config(server.endpoint, server.access_key, server.secret_key, bucket="bench"))
-        await store.ensure_bucket()
+    async with bench_store() as store:
         print(f"{args.jobs} one-image jobs, {args.model} {args.size}x{args.size}, {args.steps} steps")
         print()
         print("| max_batch_images | images/s | vs one at a time |")
@@ -117,8 +77,6 @@ async def main(args: argparse.Namespace) -> None:
         for label, max_models in (("1 model (reload on every switch)", 1), ("2 models (LRU cache)", 2)):
             mean_s, loads = await switches(args, models, max_models)
             print(f"| {label} | {mean_s:.3f} | {loads} |", flush=True)
-    finally:
-        server.stop(grace_s=3.0)
 
 
 if __name__ == "__main__":

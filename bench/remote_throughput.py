@@ -15,25 +15,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
+import contextlib
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
+from worker_runs import bench_store, seconds_through_worker
 
-from bus import BusOptions, connect_bus
-from imagebus.s3_server import start_s3_server
-from schemas import GenerateImage, GenerationParams, JobFailed, JobSucceeded
+from schemas import GenerationParams
 from schemas.catalog import Catalog, ModelSpec, RemoteEndpoint
-from storage.object_store import ObjectStore, S3Config
+from storage.object_store import ObjectStore
 from workers.backends.base import JobRequest
 from workers.backends.remote import RemoteBackend
-from workers.runtime import Worker, WorkerOptions
 
 if TYPE_CHECKING:
     from tests.fakes.image_api import FakeImageApi
@@ -79,34 +75,8 @@ async def through_backend(api: FakeImageApi, mode: str, cap: int, jobs: int, siz
 
 
 async def through_worker(api: FakeImageApi, store: ObjectStore, mode: str, cap: int, jobs: int, size: int) -> float:
-    bus = await connect_bus(f"memory://{uuid.uuid4().hex}", BusOptions(namespace=f"bench{uuid.uuid4().hex[:8]}"))
     backend = RemoteBackend(catalog(api, mode, cap), {"bench": TOKEN})
-    worker = Worker(bus, store, backend, WorkerOptions(worker_id="bench", heartbeat_interval_s=5.0))
-    commands = [
-        GenerateImage(job_id=job_id, message_id=job_id, owner="bench", backend="remote", params=params(size))
-        for job_id in (uuid.uuid4().hex for _ in range(jobs))
-    ]
-
-    async def all_jobs() -> None:
-        async with bus.watch_events() as live:
-            run = asyncio.create_task(worker.run(idle_timeout_s=0.5))
-            for command in commands:
-                await bus.publish_command(command)
-            finished = 0
-            async for event in live:
-                if isinstance(event, JobFailed):
-                    raise RuntimeError(f"job {event.job_id} failed: {event.error}")
-                if isinstance(event, JobSucceeded):
-                    finished += 1
-                    if finished == jobs:
-                        break
-        await run
-
-    try:
-        # The worker's idle timeout (0.5 s, after the last job) is not part of the figure.
-        return await timed(all_jobs) - 0.5
-    finally:
-        await bus.close()
+    return await seconds_through_worker(backend, store, [params(size)] * jobs)
 
 
 async def timed(work: Callable[[], Awaitable[object]]) -> float:
@@ -137,34 +107,24 @@ async def main(args: argparse.Namespace) -> None:
     print()
     print("| path | API | cap | jobs | seconds | images/s | ideal (cap / latency) | of ideal |")
     print("|---|---|---|---|---|---|---|---|")
-    async with fake_image_api(latency_s).running() as api:
+    async with fake_image_api(latency_s).running() as api, contextlib.AsyncExitStack() as stack:
         runs: list[tuple[str, Callable[[str, int, int], Awaitable[float]]]] = [
             ("backend", lambda mode, cap, jobs: through_backend(api, mode, cap, jobs, args.size))
         ]
-        server = None
         if args.worker:
-            root = Path(tempfile.mkdtemp(prefix="imagebus-bench-s3-"))
-            server = start_s3_server(
-                root / "data", access_key="bench", secret_key=secrets.token_urlsafe(24), log_path=root / "weed.log"
-            )
-            store = ObjectStore(S3Config(server.endpoint, server.access_key, server.secret_key, bucket="bench"))
-            await store.ensure_bucket()
+            store = await stack.enter_async_context(bench_store())
             runs.append(("worker", lambda mode, cap, jobs: through_worker(api, store, mode, cap, jobs, args.size)))
-        try:
-            for path, run in runs:
-                for mode in MODES:
-                    await run(mode, args.cap, args.cap)  # warm-up: connections, first-call costs
-                    for cap, jobs in ((args.cap, args.jobs), (1, max(args.jobs // args.cap, 5))):
-                        seconds = await run(mode, cap, jobs)
-                        rate, ideal = jobs / seconds, cap / latency_s
-                        print(
-                            f"| {path} | {mode} | {cap} | {jobs} | {seconds:.2f} | {rate:.1f} | {ideal:.1f} "
-                            f"| {rate / ideal:.0%} |",
-                            flush=True,
-                        )
-        finally:
-            if server is not None:
-                server.stop(grace_s=3.0)
+        for path, run in runs:
+            for mode in MODES:
+                await run(mode, args.cap, args.cap)  # warm-up: connections, first-call costs
+                for cap, jobs in ((args.cap, args.jobs), (1, max(args.jobs // args.cap, 5))):
+                    seconds = await run(mode, cap, jobs)
+                    rate, ideal = jobs / seconds, cap / latency_s
+                    print(
+                        f"| {path} | {mode} | {cap} | {jobs} | {seconds:.2f} | {rate:.1f} | {ideal:.1f} "
+                        f"| {rate / ideal:.0%} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -7,9 +7,7 @@ import contextlib
 import os
 import signal
 import socket
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import structlog
 from minio import Minio
@@ -101,10 +99,10 @@ def build_backend(name: str, loaded: LoadedCatalog, settings: WorkerSettings) ->
     if any(catalog.models[model].backend != name for model in served):
         raise SystemExit(f"pool {queue!r} belongs to another backend than {name!r}")
     if name == "diffusers":
-        from workers.backends.diffusers import DiffusersBackend, DiffusersOptions
+        from workers.backends.diffusers import DiffusersBackend, DiffusersOptions, default_lora_cache_dir
         from workers.backends.lora_files import LoraFiles
 
-        lora_cache = settings.lora_cache_dir or Path(tempfile.gettempdir()) / "imagebus-loras"
+        lora_cache = settings.lora_cache_dir or default_lora_cache_dir()
 
         if settings.torch_threads:
             import torch
@@ -122,7 +120,6 @@ def build_backend(name: str, loaded: LoadedCatalog, settings: WorkerSettings) ->
                 max_batch_images=settings.max_batch_images,
                 models=served if settings.pool is not None else None,
                 cpu_offload=settings.cpu_offload,
-                lora_cache_dir=settings.lora_cache_dir,
             ),
             lora_files=LoraFiles(lora_cache, loaded.lora_s3),
         )

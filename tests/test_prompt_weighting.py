@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from schemas import LoraRequest, LoraSpec
 from workers.backends.prompt_weighting import (
@@ -17,8 +18,6 @@ from workers.backends.prompt_weighting import (
     weighted_segments,
 )
 from workers.backends.tiny import BUILTINS
-
-torch = pytest.importorskip("torch")
 
 PIXEL = LoraSpec(id="pixel", name="Pixel", source="/loras/pixel.safetensors", trigger_words=("pixel art", "neon"))
 INK = LoraSpec(id="ink", name="Ink", source="/loras/ink.safetensors", trigger_words=("ink sketch", "neon"))
@@ -161,13 +160,11 @@ def test_prefix_tokens_are_scaled_by_their_weight_and_the_row_mean_is_kept(tiny_
     assert means_kept >= len(pairs) - 1
 
 
-# --- SDXL (two CLIPs) and Flux (CLIP + T5, no BOS), where tiny.py builds them -------------------
+# --- SDXL (two CLIPs) and Flux (CLIP + T5, no BOS) ---------------------------------------------
 
 
 @pytest.fixture(scope="module", params=["tiny-sdxl", "tiny-flux"])
 def bigger_pipeline(request: pytest.FixtureRequest) -> Iterator[Any]:
-    if request.param not in BUILTINS:
-        pytest.skip(f"{request.param} is not built in yet")
     yield BUILTINS[request.param]()
 
 

@@ -66,8 +66,6 @@ class DiffusersOptions:
     models: Collection[str] | None = None
     # Offload idle submodules to the CPU (big models on small cards; slower).
     cpu_offload: bool = False
-    # Where LoRA files fetched from a bucket are kept.
-    lora_cache_dir: Path | None = None
 
 
 class DiffusersBackend:
@@ -89,9 +87,8 @@ class DiffusersBackend:
         self.placement = choose_placement(self._options.device, self._options.dtype)
         self.max_batch_images = max(1, self._options.max_batch_images)
         self._clock = clock
-        cache_dir = self._options.lora_cache_dir or Path(tempfile.gettempdir()) / "imagebus-loras"
-        # Bucket-held LoRAs need an S3 client: the worker role passes LoraFiles with one.
-        self._loras = lora_files or LoraFiles(cache_dir, None)
+        # Local LoRA files only, unless the worker role passes LoraFiles with a bucket client.
+        self._loras = lora_files or LoraFiles(default_lora_cache_dir(), None)
         budget = self._options.cache_budget_gb
         self.cache = ModelCache(
             self._load,
@@ -355,6 +352,11 @@ def load_pipeline(spec: ModelSpec, placement: Placement, *, cpu_offload: bool = 
     pipeline.set_progress_bar_config(disable=True)
     apply_memory_options(pipeline, placement)
     return pipeline
+
+
+def default_lora_cache_dir() -> Path:
+    """Where bucket-held LoRAs are kept when no folder is configured."""
+    return Path(tempfile.gettempdir()) / "imagebus-loras"
 
 
 def _pipeline_class(name: str | None) -> Any:
