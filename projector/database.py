@@ -265,10 +265,12 @@ def upsert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) ->
         conn.execute(_upsert_statement(conn.dialect.name, table), list(rows))
 
 
-def insert_if_absent(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert rows whose primary key is not there yet; leave existing rows untouched."""
-    if rows:
-        conn.execute(_insert_if_absent_statement(conn.dialect.name, table), list(rows))
+def insert_if_absent(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Insert rows whose primary key is not there yet; leave existing rows untouched. Returns how
+    many were inserted."""
+    if not rows:
+        return 0
+    return conn.execute(_insert_if_absent_statement(conn.dialect.name, table), list(rows)).rowcount
 
 
 # Built once per dialect and table: constructing ON CONFLICT clauses costs more than running them.

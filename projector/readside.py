@@ -126,7 +126,8 @@ class ReadModel:
         row = queued_row(event).to_columns()
 
         def insert(conn: Connection) -> bool:
-            insert_if_absent(conn, jobs, [row])
+            if insert_if_absent(conn, jobs, [row]) == 1:
+                return True
             created = conn.execute(select(jobs.c.created_at).where(jobs.c.id == event.job_id)).scalar_one()
             return bool(created == row["created_at"])
 

@@ -80,11 +80,6 @@ class ModelCache:
                         budget_mb=self._budget_bytes // 2**20)  # fmt: skip
         return pipeline
 
-    def drop(self, model: str) -> None:
-        """Forget a model (e.g. after a failure left it in an unknown state)."""
-        if self._entries.pop(model, None) is not None:
-            self._release()
-
     def _evict_until(self, fits: Callable[[], bool], *, keep: str | None = None, reserve_slot: bool = False) -> None:
         def over_count() -> bool:
             if self._max_models is None:
