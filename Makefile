@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test install services browser lint typecheck unit bench clean
+.PHONY: up test install services browser lint typecheck unit bench bench-reliability clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ bench: install
 	$(PY) bench/overhead.py
 	$(PY) bench/diffusers_batching.py
 	$(PY) bench/remote_throughput.py
+	$(PY) bench/rate_limit.py
+
+# The long reliability runs behind docs/reliability.md (several minutes each).
+bench-reliability: install services
+	$(PY) bench/chaos.py --bus nats
+	$(PY) bench/chaos.py --bus amqp
+	$(PY) bench/fuzz.py
 
 clean:
 	rm -rf $(VENV) .imagebus .pytest_cache .mypy_cache .ruff_cache

@@ -30,8 +30,8 @@ async def declare_command_queue(
         arguments={
             "x-queue-type": "quorum",
             # The broker dead-letters once a message has been returned more than this many times,
-            # so the worker still sees delivery number max_deliveries (and can fail the job then).
-            "x-delivery-limit": max(options.max_deliveries - 1, 0),
+            # so a worker still sees the verdict delivery (number delivery_limit) and fails the job.
+            "x-delivery-limit": options.delivery_limit - 1,
             "x-dead-letter-exchange": names.dead_letter_exchange,
         },
     )

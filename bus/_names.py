@@ -37,8 +37,19 @@ class NatsNames:
         return nats_stream_name(self.namespace, "EVT")
 
     @property
+    def dead_stream(self) -> str:
+        return nats_stream_name(self.namespace, "DEAD")
+
+    @property
     def cmd_subjects(self) -> str:
         return f"{self.namespace}.cmd.generate.>"
+
+    @property
+    def dead_subjects(self) -> str:
+        return f"{self.namespace}.dead.>"
+
+    def dead_subject(self, queue: str) -> str:
+        return f"{self.namespace}.dead.{queue}"
 
     @property
     def evt_subjects(self) -> str:

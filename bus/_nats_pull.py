@@ -172,6 +172,15 @@ async def nak_stragglers(sub: JetStreamContext.PullSubscription, nc: NATS) -> in
     return handed_back
 
 
+async def withdraw_pull(sub: JetStreamContext.PullSubscription, nc: NATS) -> None:
+    """Take back an open pull request: hand back what already reached it, then drop our interest
+    in its inbox, on which the server drops the request instead of delivering into it."""
+    await nak_stragglers(sub, nc)
+    await unsubscribe(sub)
+    with suppress(Exception):
+        await nc.flush()
+
+
 async def unsubscribe(sub: JetStreamContext.PullSubscription) -> None:
     # Unsubscribing before the connection closes is what keeps close() fast after a timed-out fetch.
     with suppress(Exception):

@@ -20,17 +20,21 @@ What RabbitMQ does differently from JetStream (callers need not care, but operat
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, suppress
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import aio_pika
+import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import ChannelNotFoundEntity
+from aio_pika.exceptions import AMQPConnectionError, AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity
 
 from bus._amqp_topology import declare_command_queue, declare_events_log, declare_topology
 from bus._decoding import decoded_or_none
@@ -39,11 +43,38 @@ from bus._names import AmqpNames, checked_token
 from bus.base import BusOptions, CommandDelivery, LoggedEvent
 from schemas import CancelJob, Event, GenerateImage, Message, decode_command, decode_control, decode_event, encode
 
+log = structlog.get_logger(__name__)
+
 # Stream consumers need a prefetch (credit); acks return it.
 _EVENT_PREFETCH = 200
+# How long a publish waits for a lost connection to come back (the broker restarting) before it
+# raises, and the pause between tries.
+_PUBLISH_PATIENCE_S = 20.0
+_PUBLISH_RETRY_DELAY_S = 0.25
+_RECONNECT_INTERVAL_S = 1.0
+_MAX_SET_UP_PAUSE_S = 5.0
 
 
 _T = TypeVar("_T")
+
+# The shortest AMQP heartbeat we ask for: shorter ones drop busy-but-alive processes.
+_MIN_HEARTBEAT_S = 10
+
+
+def _with_heartbeat(url: str, options: BusOptions) -> str:
+    """``url`` asking for an AMQP heartbeat near ``ack_wait_s`` unless it names one itself.
+
+    RabbitMQ redelivers a held message only when its consumer's connection dies, and notices a
+    frozen or partitioned process by the missed heartbeats (the server default waits 60 s twice).
+    Tying the heartbeat to the ack wait gives a stalled worker's jobs to another worker in about
+    the time NATS takes to do the same.
+    """
+    parts = urlsplit(url)
+    if "heartbeat" in parse_qs(parts.query):
+        return url
+    heartbeat = max(round(options.ack_wait_s), _MIN_HEARTBEAT_S)
+    query = f"{parts.query}&heartbeat={heartbeat}" if parts.query else f"heartbeat={heartbeat}"
+    return urlunsplit(parts._replace(query=query))
 
 
 class _AmqpDelivery(SettleOnce):
@@ -106,13 +137,21 @@ class AmqpBus:
     @classmethod
     async def connect(cls, url: str, options: BusOptions) -> AmqpBus:
         names = AmqpNames(checked_token(options.namespace, "namespace"))
-        # Robust: reconnects after a broker restart and re-declares what it had declared.
+        # Robust: reconnects after a broker restart and re-declares what it had declared. It tries
+        # every second (aio-pika's default is 5 s), as the NATS adapter does.
         connection = await aio_pika.connect_robust(
-            url, client_properties={"connection_name": f"imagebus-{options.namespace}"}
+            _with_heartbeat(url, options),
+            client_properties={"connection_name": f"imagebus-{options.namespace}"},
+            reconnect_interval=_RECONNECT_INTERVAL_S,
         )
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await declare_topology(channel, names, options)
+        except ChannelNotFoundEntity as err:
+            # A node still starting answers the declare of a durable queue it has not recovered
+            # yet with NOT_FOUND ("home node ... is down or inaccessible"): not ready, try again.
+            await connection.close()
+            raise ConnectionError(f"RabbitMQ is not ready yet: {err}") from err
         except BaseException:
             await connection.close()
             raise
@@ -144,9 +183,52 @@ class AmqpBus:
         self, exchange: str, message: aio_pika.Message, routing_key: str, *, mandatory: bool = True
     ) -> None:
         # Returns after the broker's confirm (the channel has publisher confirms on); an
-        # unroutable mandatory message raises instead of vanishing.
-        target = await self._channel.get_exchange(exchange, ensure=False)
-        await target.publish(message, routing_key=routing_key, mandatory=mandatory)
+        # unroutable mandatory message raises instead of vanishing. While the connection is down
+        # (a broker restart) it waits for the robust connection to come back and tries again; a
+        # try whose confirm was lost may then be stored twice, which every consumer tolerates.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _PUBLISH_PATIENCE_S
+        while True:
+            try:
+                target = await self._channel.get_exchange(exchange, ensure=False)
+                await target.publish(message, routing_key=routing_key, mandatory=mandatory)
+                return
+            except (ChannelInvalidStateError, AMQPConnectionError) as err:
+                if self._connection.is_closed or loop.time() + _PUBLISH_RETRY_DELAY_S >= deadline:
+                    raise
+                log.warning("amqp_publish_retry", exchange=exchange, error=repr(err))
+                await asyncio.sleep(_PUBLISH_RETRY_DELAY_S)
+                if isinstance(self._channel, AbstractRobustChannel):
+                    with suppress(TimeoutError):
+                        async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
+                            await self._channel.ready()
+
+    async def _consumer_channel(self, set_up: Callable[[AbstractChannel], Awaitable[_T]]) -> tuple[AbstractChannel, _T]:
+        """A channel of its own for a consumer, with ``set_up`` run on it (qos, declares, consume).
+
+        While the connection is down, or back on a node still recovering its queues (a broker
+        restart), it waits and tries again for as long as that takes, as the consumers already
+        set up do: a role that starts one during an outage rides the outage out.
+        """
+        pause = _PUBLISH_RETRY_DELAY_S
+        while True:
+            channel: AbstractChannel | None = None
+            try:
+                channel = await self._connection.channel(publisher_confirms=False)
+                return channel, await set_up(channel)
+            except (RuntimeError, AMQPConnectionError, ChannelNotFoundEntity) as err:
+                if channel is not None:
+                    with suppress(Exception):
+                        await channel.close()
+                # NOT_FOUND is what a starting node answers for a durable queue it has not recovered
+                # yet; a plain RuntimeError ("Connection was not opened") counts while reconnecting.
+                plain = type(err) is RuntimeError
+                if self._connection.is_closed or (plain and self._connection.connected.is_set()):
+                    raise
+                log.warning("amqp_consumer_waiting", error=repr(err), retry_in_s=pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _MAX_SET_UP_PAUSE_S)
+                await self._connection.ready()
 
     # --- commands -----------------------------------------------------------------------------
 
@@ -155,22 +237,38 @@ class AmqpBus:
         self, backend: str, *, idle_timeout_s: float | None = None, prefetch: int = 1
     ) -> AsyncIterator[AsyncIterator[CommandDelivery]]:
         backend = checked_token(backend, "backend")
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        # One at a time until a first-time command shows up; see _fitting_prefetch.
+        prefetch_now = 1
+
+        async def set_up(channel: AbstractChannel) -> AbstractQueue:
+            await channel.set_qos(prefetch_count=prefetch_now)
+            queue = await declare_command_queue(channel, self._names, self.options, backend)
+            await queue.consume(inbox.put)
+            return queue
+
         # A channel of our own: prefetch is per channel, and closing it hands back what we hold.
-        channel = await self._connection.channel(publisher_confirms=False)
+        channel, queue = await self._consumer_channel(set_up)
         delays: set[asyncio.Task[None]] = set()
         try:
-            await channel.set_qos(prefetch_count=max(1, prefetch))
-            queue = await declare_command_queue(channel, self._names, self.options, backend)
-            inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-            await queue.consume(inbox.put)
+            held: list[_AmqpDelivery] = []
 
             async def deliveries() -> AsyncGenerator[CommandDelivery, None]:
+                nonlocal prefetch_now
                 while (message := await _next(inbox, idle_timeout_s)) is not None:
+                    if _taken_back(message):
+                        continue
                     command = decoded_or_none(decode_command, message.body, f"in {queue.name} (dead-lettered)")
                     if command is None:
                         await message.reject(requeue=False)
                         continue
-                    yield _AmqpDelivery(message, command, delays)
+                    delivery = _AmqpDelivery(message, command, delays)
+                    held[:] = [d for d in held if not d.settled] + [delivery]
+                    wanted = _fitting_prefetch(held, prefetch)
+                    if wanted != prefetch_now:
+                        await channel.set_qos(prefetch_count=wanted)
+                        prefetch_now = wanted
+                    yield delivery
 
             async with aclosing(deliveries()) as iterator:
                 yield iterator
@@ -199,20 +297,26 @@ class AmqpBus:
     async def read_events(
         self, *, after: int | None = None, idle_timeout_s: float | None = None
     ) -> AsyncIterator[AsyncIterator[LoggedEvent]]:
-        channel = await self._connection.channel(publisher_confirms=False)
-        try:
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+        async def set_up(channel: AbstractChannel) -> None:
             await channel.set_qos(prefetch_count=_EVENT_PREFETCH)
             stream = await declare_events_log(channel, self._names, self.options)
-            inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
             # Position = stream offset + 1, so positions start at 1 as on the other buses and
             # "after p" is offset p.
             start: int | str = after if after else "first"
             await stream.consume(inbox.put, arguments={"x-stream-offset": start})
 
+        channel, _ = await self._consumer_channel(set_up)
+        try:
+
             async def events() -> AsyncGenerator[LoggedEvent, None]:
                 last = after or 0
                 while (message := await _next(inbox, idle_timeout_s)) is not None:
-                    await message.ack()  # returns credit; a stream keeps the message regardless
+                    # Returns credit; a stream keeps the message regardless. One received before a
+                    # reconnect has no channel left to ack on, and needs none.
+                    with suppress(ChannelInvalidStateError, AMQPError):
+                        await message.ack()
                     position = _stream_offset(message) + 1
                     # The broker may start at the beginning of the chunk holding the offset, and a
                     # reconnect re-consumes from the original offset: skip what we have passed.
@@ -254,13 +358,16 @@ class AmqpBus:
         self, exchange: str, routing_key: str
     ) -> AsyncIterator[asyncio.Queue[AbstractIncomingMessage]]:
         """A server-named queue bound to ``exchange`` for as long as the context lasts."""
-        channel = await self._connection.channel(publisher_confirms=False)
-        try:
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+        async def set_up(channel: AbstractChannel) -> None:
             # Exclusive + auto-delete: gone when we cancel, or when our connection dies.
             queue = await channel.declare_queue(exclusive=True, auto_delete=True)
             await queue.bind(exchange, routing_key=routing_key)
-            inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
             await queue.consume(inbox.put, no_ack=True)
+
+        channel, _ = await self._consumer_channel(set_up)
+        try:
             yield inbox
         finally:
             await channel.close()
@@ -279,6 +386,19 @@ def _message(message: Message, *, persistent: bool) -> aio_pika.Message:
     )
 
 
+def _fitting_prefetch(held: list[_AmqpDelivery], prefetch: int) -> int:
+    """What the broker may push to this consumer now: one while a redelivered command is held.
+
+    RabbitMQ pushes up to the prefetch ahead, and everything pushed goes back, one delivery
+    counted, when the process dies. A redelivered command may be one that kills its worker, so
+    while it is held nothing else is taken, and no innocent command is charged for its crash.
+    (Workers hold it alone too; on NATS, which hands out only what is pulled, that suffices.)
+    """
+    if any(delivery.attempt > 1 for delivery in held):
+        return 1
+    return max(1, prefetch)
+
+
 async def _next(
     inbox: asyncio.Queue[AbstractIncomingMessage], idle_timeout_s: float | None
 ) -> AbstractIncomingMessage | None:
@@ -286,6 +406,16 @@ async def _next(
         return await asyncio.wait_for(inbox.get(), idle_timeout_s)
     except TimeoutError:
         return None
+
+
+def _taken_back(message: AbstractIncomingMessage) -> bool:
+    """Received on a channel that has closed since (a lost connection): the broker has put the
+    message back in its queue and delivers it again, so this copy must not run."""
+    try:
+        message.channel  # noqa: B018 (raises once the channel is closed)
+    except ChannelInvalidStateError:
+        return True
+    return False
 
 
 def _stream_offset(message: AbstractIncomingMessage) -> int:

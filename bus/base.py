@@ -19,10 +19,17 @@ class BusOptions:
     namespace: str = "imagebus"
     # A command not acked nor marked in-progress within this time is redelivered.
     ack_wait_s: float = 30.0
-    # Deliveries of one command before it is dead-lettered. Workers fail the job on the last one.
+    # Times one command may be run. The bus delivers it once more after that (``delivery_limit``):
+    # on that verdict delivery a worker fails the job and dead-letters the command without running
+    # it, so a command that kills its worker every time ends ``failed`` instead of vanishing.
     max_deliveries: int = 5
     # How long the event log keeps events (the projector can rebuild from it within this window).
     event_retention_s: float = 7 * 24 * 3600.0
+
+    @property
+    def delivery_limit(self) -> int:
+        """Deliveries the broker makes of one command: the runs plus the verdict delivery."""
+        return self.max_deliveries + 1
 
 
 class CommandDelivery(Protocol):
@@ -46,7 +53,7 @@ class CommandDelivery(Protocol):
         """Heartbeat: still working on it, push the redelivery deadline back."""
 
     async def term(self) -> None:
-        """Drop it without redelivery (unreadable message); goes to the dead-letter place."""
+        """Never deliver it again and keep it in the dead-letter place (unreadable, or poison)."""
 
 
 @dataclass(frozen=True)

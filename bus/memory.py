@@ -114,7 +114,7 @@ class MemoryBus:
         ack_wait_s = self.options.ack_wait_s
         while True:
             delivery = queue.take(
-                lambda entry: _MemoryDelivery(queue, entry, ack_wait_s), ack_wait_s, self.options.max_deliveries
+                lambda entry: _MemoryDelivery(queue, entry, ack_wait_s), ack_wait_s, self.options.delivery_limit
             )
             if delivery is not None:
                 return delivery

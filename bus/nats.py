@@ -15,13 +15,15 @@ from typing import TypeVar
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import ConnectionReconnectingError, OutboundBufferLimitError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from bus._decoding import decoded_or_none
 from bus._delivery import SettleOnce
 from bus._names import NatsNames, checked_token
-from bus._nats_pull import EventReader, nak_stragglers, pull_one, unsubscribe
+from bus._nats_pull import EventReader, nak_stragglers, pull_one, unsubscribe, withdraw_pull
 from bus.base import BusOptions, CommandDelivery, LoggedEvent
 from schemas import CancelJob, Event, GenerateImage, decode_command, decode_control, decode_event, encode
 
@@ -29,6 +31,19 @@ log = structlog.get_logger(__name__)
 
 _DUPLICATE_WINDOW_S = 120.0
 _CONNECT_TIMEOUT_S = 10.0
+# How long a JetStream publish keeps trying through a reconnect (the server restarting, JetStream
+# restoring its streams) before it raises; each try waits up to _PUBLISH_TRY_S for the stored-ack.
+_PUBLISH_PATIENCE_S = 20.0
+_PUBLISH_TRY_S = 5.0
+_PUBLISH_RETRY_DELAY_S = 0.25
+# What a publish meets while the server is away or coming back; anything else is not retried.
+_PUBLISH_TRANSIENT = (
+    NatsTimeoutError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+    ConnectionReconnectingError,
+    OutboundBufferLimitError,
+)
 # Commands held across all workers at once (each holds up to its prefetch); a bound, not a target.
 _MAX_ACK_PENDING = 10_000
 # JetStream error code: "stream name already in use with a different configuration".
@@ -39,10 +54,12 @@ _T = TypeVar("_T")
 
 
 class _NatsDelivery(SettleOnce):
-    def __init__(self, msg: Msg, command: GenerateImage, nc: Client) -> None:
+    def __init__(self, msg: Msg, command: GenerateImage, nc: Client, js: JetStreamContext, names: NatsNames) -> None:
         self._msg = msg
         self._command = command
         self._nc = nc
+        self._js = js
+        self._names = names
         super().__init__()
 
     @property
@@ -69,11 +86,31 @@ class _NatsDelivery(SettleOnce):
         await self._msg.in_progress()
 
     async def term(self) -> None:
-        # JetStream has no dead-letter queue: a terminated message is dropped and announced on
-        # $JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.<stream>.<consumer>.
+        # JetStream has no dead-letter queue: a terminated message is dropped (and announced on
+        # $JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.<stream>.<consumer>). Copy it to the DEAD
+        # stream first, so an operator can still read what was given up on.
         self._settle()
+        await self._js.publish(
+            self._names.dead_subject(self._command.queue),
+            self._msg.data,
+            stream=self._names.dead_stream,
+            headers={"Nats-Msg-Id": self._command.message_id},
+        )
         await self._msg.term()
         await self._nc.flush()
+
+
+def _kept_stream(name: str, subjects: str, options: BusOptions) -> api.StreamConfig:
+    """A stream that keeps what it stores for the retention time (the event log, the dead letters)."""
+    return api.StreamConfig(
+        name=name,
+        subjects=[subjects],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        max_age=options.event_retention_s,
+        # The server refuses a duplicate window longer than max_age.
+        duplicate_window=min(_DUPLICATE_WINDOW_S, options.event_retention_s),
+    )
 
 
 class NatsBus:
@@ -128,18 +165,8 @@ class NatsBus:
                     duplicate_window=_DUPLICATE_WINDOW_S,
                 ),
             )
-            await _ensure_stream(
-                js,
-                api.StreamConfig(
-                    name=names.evt_stream,
-                    subjects=[names.evt_subjects],
-                    retention=api.RetentionPolicy.LIMITS,
-                    storage=api.StorageType.FILE,
-                    max_age=options.event_retention_s,
-                    # The server refuses a duplicate window longer than max_age.
-                    duplicate_window=min(_DUPLICATE_WINDOW_S, options.event_retention_s),
-                ),
-            )
+            await _ensure_stream(js, _kept_stream(names.dead_stream, names.dead_subjects, options))
+            await _ensure_stream(js, _kept_stream(names.evt_stream, names.evt_subjects, options))
         except BaseException:
             await nc.close()
             raise
@@ -154,21 +181,11 @@ class NatsBus:
 
     async def publish_command(self, command: GenerateImage) -> None:
         subject = self._names.cmd_subject(checked_token(command.queue, "queue"))
-        await self._js.publish(
-            subject,
-            encode(command),
-            stream=self._names.cmd_stream,
-            headers={api.Header.MSG_ID: command.message_id},
-        )
+        await publish_durably(self._nc, self._js, subject, encode(command), self._names.cmd_stream, command.message_id)
 
     async def publish_event(self, event: Event) -> None:
         subject = self._names.evt_subject(event.type, checked_token(event.job_id, "job_id"))
-        await self._js.publish(
-            subject,
-            encode(event),
-            stream=self._names.evt_stream,
-            headers={api.Header.MSG_ID: event.message_id},
-        )
+        await publish_durably(self._nc, self._js, subject, encode(event), self._names.evt_stream, event.message_id)
 
     async def publish_control(self, control: CancelJob) -> None:
         await self._nc.publish(self._names.ctl_subject(checked_token(control.backend, "backend")), encode(control))
@@ -191,7 +208,7 @@ class NatsBus:
                 deliver_policy=api.DeliverPolicy.ALL,
                 ack_policy=api.AckPolicy.EXPLICIT,
                 ack_wait=self.options.ack_wait_s,
-                max_deliver=self.options.max_deliveries,
+                max_deliver=self.options.delivery_limit,
                 max_ack_pending=_MAX_ACK_PENDING,
             ),
         )
@@ -199,14 +216,21 @@ class NatsBus:
         unsettled: list[_NatsDelivery] = []
 
         async def deliveries() -> AsyncGenerator[CommandDelivery, None]:
-            while (msg := await pull_one(sub, idle_timeout_s)) is not None:
-                command = decoded_or_none(decode_command, msg.data, f"on {msg.subject} (terminated)")
-                if command is None:
-                    await msg.term()
-                    continue
-                delivery = _NatsDelivery(msg, command, self._nc)
-                unsettled[:] = [d for d in unsettled if not d.settled] + [delivery]
-                yield delivery
+            try:
+                while (msg := await pull_one(sub, idle_timeout_s)) is not None:
+                    command = decoded_or_none(decode_command, msg.data, f"on {msg.subject} (terminated)")
+                    if command is None:
+                        await msg.term()
+                        continue
+                    delivery = _NatsDelivery(msg, command, self._nc, self._js, self._names)
+                    unsettled[:] = [d for d in unsettled if not d.settled] + [delivery]
+                    yield delivery
+            except asyncio.CancelledError:
+                # The caller stopped waiting for the next command (a worker stopping). Withdraw
+                # our pull request before it hands back the commands it holds: left open, the
+                # request would take them straight back, and each would cost one more delivery.
+                await withdraw_pull(sub, self._nc)
+                raise
 
         try:
             async with aclosing(deliveries()) as iterator:
@@ -222,6 +246,9 @@ class NatsBus:
 
     async def command_backlog(self, backend: str) -> int:
         backend = checked_token(backend, "backend")
+        if not self._nc.is_connected:
+            # The server is away: say so now rather than after a request timeout.
+            raise ConnectionError("not connected to the NATS server")
         try:
             info = await self._js.consumer_info(self._names.cmd_stream, self._names.worker_consumer(backend))
         except NotFoundError:
@@ -286,6 +313,34 @@ class NatsBus:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+async def publish_durably(
+    nc: Client, js: JetStreamContext, subject: str, payload: bytes, stream: str, msg_id: str
+) -> None:
+    """Publish and wait for the stream's ack, riding out a reconnect for up to _PUBLISH_PATIENCE_S.
+
+    A try whose ack was lost (the server went away after storing it) is tried again under the
+    same Nats-Msg-Id, so the duplicate window stores it once. Nothing is handed to the client while
+    it is disconnected: nats-py would buffer it and send it on reconnect, after we gave up and told
+    our caller it failed. The last error is raised if the server is still away after that long.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _PUBLISH_PATIENCE_S
+    error: Exception = ConnectionError("not connected to the NATS server")
+    while True:
+        if nc.is_connected:
+            try:
+                await js.publish(
+                    subject, payload, timeout=_PUBLISH_TRY_S, stream=stream, headers={api.Header.MSG_ID: msg_id}
+                )
+                return
+            except _PUBLISH_TRANSIENT as err:
+                error = err
+                log.warning("nats_publish_retry", subject=subject, error=repr(err))
+        if loop.time() + _PUBLISH_RETRY_DELAY_S >= deadline:
+            raise error
+        await asyncio.sleep(_PUBLISH_RETRY_DELAY_S)
 
 
 async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
+    from imagebus.keys_cli import add_keys_parser
+
     parser = argparse.ArgumentParser(prog="imagebus", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -37,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     projector.add_argument("--rebuild", action="store_true", help="replay the whole log into a fresh model")
 
     sub.add_parser("reaper", help="deletes images at expiry and emits ImageExpired")
+    add_keys_parser(sub)
     return parser
 
 
@@ -79,6 +82,12 @@ def main(argv: list[str] | None = None) -> None:
         reaper = settings.ReaperSettings()
         configure_logging(reaper.log_format, reaper.log_level)
         _run(roles.run_reaper(reaper))
+    elif args.command == "keys":
+        from imagebus.keys_cli import run_keys
+
+        keys = settings.KeysSettings()
+        configure_logging(keys.log_format, keys.log_level)
+        raise SystemExit(run_keys(keys, args))
 
 
 if __name__ == "__main__":

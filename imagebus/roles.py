@@ -7,7 +7,9 @@ import contextlib
 import os
 import signal
 import socket
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from minio import Minio
@@ -23,12 +25,15 @@ from imagebus.settings import (
     _BusMixin,
     _S3Mixin,
 )
-from ingress.config import EnrichConfig, IngressConfig, QuotaLimits
+from ingress.config import EnrichConfig, IngressConfig, QuotaLimits, RateLimits
 from schemas import Catalog
 from storage.object_store import ObjectStore, S3Config, s3_client
 from workers.backends.base import Backend
 
 log = structlog.get_logger(__name__)
+
+# Seconds a SIGTERMed ingress gives its requests in flight (event streams are cut after it).
+INGRESS_SHUTDOWN_GRACE_S = 10
 
 
 def bus_options(settings: _BusMixin) -> BusOptions:
@@ -171,6 +176,7 @@ async def run_worker(settings: WorkerSettings) -> None:
             worker_id=worker_id,
             image_ttl_s=settings.image_ttl_s,
             heartbeat_interval_s=max(settings.ack_wait_s / 3, 0.5),
+            heartbeat_event_interval_s=settings.heartbeat_event_interval_s,
             max_deliveries=settings.max_deliveries,
             shutdown_grace_s=settings.shutdown_grace_s,
             queue=settings.pool,
@@ -188,7 +194,9 @@ async def run_worker(settings: WorkerSettings) -> None:
 
 async def run_projector(settings: ProjectorSettings, *, rebuild_first: bool = False) -> None:
     from projector.database import create_database, create_schema
+    from projector.readside import ReadModel
     from projector.service import Projector, rebuild
+    from projector.stall_watchdog import run_stall_watchdog
 
     database = create_database(settings.database_url)
     bus = await _connect(settings)
@@ -199,10 +207,31 @@ async def run_projector(settings: ProjectorSettings, *, rebuild_first: bool = Fa
             log.info("projector_rebuilt", events=count)
         await create_schema(database)
         log.info("projector_ready")
-        await Projector(database, bus, name=settings.name, batch_size=settings.batch_size).run(stop=stop)
+        projector = Projector(database, bus, name=settings.name, batch_size=settings.batch_size)
+        async with asyncio.TaskGroup() as roles:
+            if settings.stall_after_s > 0:
+                roles.create_task(
+                    run_stall_watchdog(
+                        bus,
+                        ReadModel(database),
+                        projector.fresh_as_of,
+                        stall_after_s=settings.stall_after_s,
+                        interval_s=settings.stall_check_interval_s,
+                        stop=stop,
+                    )
+                )
+            roles.create_task(_run_then_stop(projector.run(stop=stop), stop))
     finally:
         await bus.close()
         await database.dispose()
+
+
+async def _run_then_stop(main: Coroutine[Any, Any, Any], stop: asyncio.Event) -> None:
+    """Run ``main``; when it ends (or fails) set ``stop`` so its sibling tasks end too."""
+    try:
+        await main
+    finally:
+        stop.set()
 
 
 async def run_reaper(settings: ReaperSettings) -> None:
@@ -236,12 +265,22 @@ def ingress_config(settings: IngressSettings) -> IngressConfig:
         api_keys=keys,
         key_secret=settings.key_secret.get_secret_value(),
         max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        header_timeout_s=settings.header_timeout_s,
+        max_streams=settings.max_streams,
+        max_connections=settings.max_connections,
         admin_keys=_keys(settings.admin_keys),
         allow_anonymous=settings.allow_anonymous,
         quota=QuotaLimits(
             active_jobs=settings.quota_active_jobs,
             daily_images=settings.quota_daily_images,
             max_queue_depth=settings.max_queue_depth,
+        ),
+        rate_limits=RateLimits(
+            requests_per_key=settings.rate_limit_key,
+            requests_per_ip=settings.rate_limit_ip,
+            window_s=settings.rate_limit_window_s,
+            trusted_proxy_hops=settings.trusted_proxy_hops,
         ),
         stall_after_s=settings.stall_after_s,
         enrich=EnrichConfig(
@@ -256,11 +295,43 @@ async def run_ingress(settings: IngressSettings) -> None:
     import uvicorn
 
     from ingress.app import create_app
+    from ingress.hardening import uvicorn_options
 
-    app = create_app(ingress_config(settings))
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", lifespan="on")
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # Ours below instead: uvicorn's re-raises the signal after a graceful stop, so the
+            # process would die of it rather than exit 0 as the other roles do.
+            yield
+
+    config = ingress_config(settings)
+    app = create_app(config)
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            lifespan="on",
+            # The client address stays the peer's: how far X-Forwarded-For is trusted is decided
+            # by IMAGEBUS_INGRESS_TRUSTED_PROXY_HOPS alone (uvicorn would trust it from localhost).
+            proxy_headers=False,
+            # A head deadline and size cap, and a connection bound (uvicorn has neither by default).
+            **uvicorn_options(config),
+            # On SIGTERM, requests in flight get this long to finish. Without a bound uvicorn waits
+            # for every open event stream to end, which they never do (clients reconnect elsewhere).
+            timeout_graceful_shutdown=INGRESS_SHUTDOWN_GRACE_S,
+        )
     )
+
+    def request_exit() -> None:
+        # A second signal stops waiting for the requests in flight, as uvicorn's own handler does.
+        server.force_exit = server.should_exit
+        server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, request_exit)
     log.info("ingress_ready", url=f"http://{settings.host}:{settings.port}")
     with contextlib.suppress(asyncio.CancelledError):
         await server.serve()

@@ -129,6 +129,10 @@ def _weed_argv(data_dir: Path, ports: dict[str, int]) -> list[str]:
         "-s3.port.lance=0",
         # Stop at once on SIGTERM: no other server waits on this volume server.
         "-volume.preStopSeconds=0",
+        # Every bucket takes a volume of its own, and weed allows free disk / volume size of them:
+        # at its 1 GiB default a machine with 50 GB free refuses the 51st bucket with a 500.
+        # Images are small and volumes are sparse files, so small volumes cost nothing.
+        "-master.volumeSizeLimitMB=64",
         *(f"-{flag}={port}" for flag, port in ports.items()),
     ]
     # The filer and S3 gateway also listen on Unix sockets, by default /tmp/seaweedfs-*-<port>.sock;

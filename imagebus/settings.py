@@ -72,6 +72,12 @@ class IngressSettings(_RoleSettings, _BusMixin, _S3Mixin, _DatabaseMixin, _Catal
         SecretStr("imagebus-dev-secret"), validation_alias=AliasChoices("IMAGEBUS_KEY_SECRET", "key_secret")
     )
     max_body_bytes: int = 64 * 1024
+    # Seconds a request body, or a request head from its first byte, may take to arrive.
+    body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    # Event streams (SSE) open at once per process, and connections per process; beyond them, 503.
+    max_streams: int = 5000
+    max_connections: int = 10_000
     # Comma-separated keys that may also call admin routes (POST /api/reset_queue).
     admin_keys: SecretStr = Field(SecretStr(""), validation_alias=AliasChoices("IMAGEBUS_ADMIN_KEYS", "admin_keys"))
     # Keyless requests act as one shared "anonymous" owner (for seed clients that send no key).
@@ -80,6 +86,13 @@ class IngressSettings(_RoleSettings, _BusMixin, _S3Mixin, _DatabaseMixin, _Catal
     quota_daily_images: int = 1500
     # Commands waiting in one queue before submits to it are refused with 429.
     max_queue_depth: int = 10_000
+    # Requests per window per API key and per client address, counted in the database so every
+    # replica enforces the same limit (0: off); the window must be the same on every replica.
+    rate_limit_key: int = 600
+    rate_limit_ip: int = 1200
+    rate_limit_window_s: int = 60
+    # Proxies in front of the ingress appending to X-Forwarded-For (0: the header is ignored).
+    trusted_proxy_hops: int = 0
     # A processing job with no event for this long is stalled (POST /api/reset_queue).
     stall_after_s: float = 600.0
     # An OpenAI-compatible endpoint (".../v1") for POST /api/enrich; templates when unset.
@@ -97,6 +110,8 @@ class WorkerSettings(_RoleSettings, _BusMixin, _S3Mixin, _CatalogMixin):
     dtype: str | None = None
     # Seconds a SIGTERM'd worker waits for its in-flight job before handing it back.
     shutdown_grace_s: float = 25.0
+    # A running job's JobHeartbeat at most this often (the projector's stall watchdog listens).
+    heartbeat_event_interval_s: float = 60.0
     preview_interval_s: float = 0.5
     # CPU threads for torch. Several CPU workers on one machine must share the cores: oversubscribed
     # OpenMP threads spin against each other and every worker slows down (`imagebus up` sets this).
@@ -143,12 +158,27 @@ class ProjectorSettings(_RoleSettings, _BusMixin, _DatabaseMixin):
 
     name: str = "projector"
     batch_size: int = 100
+    # The stall watchdog beside it fails a processing job with no event (heartbeats included) for
+    # this long; 0 turns it off. Keep it well above the workers' heartbeat event interval.
+    stall_after_s: float = 600.0
+    stall_check_interval_s: float = 30.0
 
 
 class ReaperSettings(_RoleSettings, _BusMixin, _S3Mixin):
     model_config = SettingsConfigDict(env_prefix="IMAGEBUS_REAPER_", extra="ignore", populate_by_name=True)
 
     interval_s: float = 2.0
+
+
+class KeysSettings(_RoleSettings, _DatabaseMixin):
+    """``imagebus keys``: the database the ingress reads keys from, and the secret it hashes them with."""
+
+    model_config = SettingsConfigDict(env_prefix="IMAGEBUS_KEYS_", extra="ignore", populate_by_name=True)
+
+    # Must be the ingress's IMAGEBUS_KEY_SECRET, or the keys made here never match.
+    key_secret: SecretStr = Field(
+        SecretStr("imagebus-dev-secret"), validation_alias=AliasChoices("IMAGEBUS_KEY_SECRET", "key_secret")
+    )
 
 
 class LauncherSettings(_RoleSettings):

@@ -13,8 +13,11 @@ from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from ingress.config import IngressConfig
 from ingress.dialects import dialect_handlers
 from ingress.errors import EXCEPTION_HANDLERS
+from ingress.hardening import BodyLimits, PlainInput, StreamCap, StreamSlots
+from ingress.rate_limit import RateLimiter, RateLimitMiddleware
 from ingress.routes.health import health
 from ingress.routes.images import signed_file_handlers
+from ingress.routes.keys import keys_router
 from ingress.routes.lora_images import LoraPreviews, lora_image_handlers
 from ingress.routes.native import native_router
 from ingress.routes.web import web_router
@@ -29,18 +32,29 @@ def create_app(config: IngressConfig) -> Litestar:
             app.state.services = services
             yield
 
+    limiter = RateLimiter(config.rate_limits, config.key_secret, config.database_url)
     previews = LoraPreviews(config.lora_previews, s3_client(config.s3) if config.lora_previews else None)
+    stream_slots = StreamSlots(config.max_streams)
     return Litestar(
         route_handlers=[
             health,
             native_router,
+            keys_router,
             *lora_image_handlers,
             *signed_file_handlers,
             *dialect_handlers,
             web_router,
         ],
-        state=State({"lora_previews": previews}),
-        lifespan=[lifespan],
+        state=State({"lora_previews": previews, "stream_slots": stream_slots}),
+        # After the services' lifespan, which creates the counters' table.
+        lifespan=[lifespan, limiter.lifespan],
+        # Hostile input first: refused before anything else is spent on it.
+        middleware=[
+            PlainInput(),
+            BodyLimits(config.max_body_bytes, config.body_timeout_s),
+            RateLimitMiddleware(limiter),
+            StreamCap(stream_slots),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.max_body_bytes,
         openapi_config=OpenAPIConfig(

@@ -9,6 +9,10 @@ from bus import BusOptions
 from schemas import Catalog
 from storage.object_store import S3Config
 
+# How long a replica trusts what it read about a database API key: a revoke reaches every
+# replica within this time; shorter costs a database read per key and period.
+KEY_CACHE_S = 5.0
+
 
 @dataclass(frozen=True)
 class QuotaLimits:
@@ -21,6 +25,20 @@ class QuotaLimits:
     # Global: commands waiting in one queue (a backend's or a pool's). Beyond it submits get 429
     # instead of growing a backlog no one will wait for.
     max_queue_depth: int = 10_000
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """Requests per fixed window, per API key and per client address, shared by every replica."""
+
+    # 0 turns that limit off.
+    requests_per_key: int = 600
+    requests_per_ip: int = 1200
+    # Every replica must use the same window: the counters they share are kept per window.
+    window_s: int = 60
+    # Proxies in front of the ingress that append to X-Forwarded-For; the client address is the
+    # entry this many from the right. 0: never trust the header (a client could write anything).
+    trusted_proxy_hops: int = 0
 
 
 @dataclass(frozen=True)
@@ -43,12 +61,23 @@ class IngressConfig:
     api_keys: tuple[str, ...]
     key_secret: str
     max_body_bytes: int = 64 * 1024
+    # uvicorn waits as long as a client takes: a request body must arrive within body_timeout_s,
+    # a request head within header_timeout_s of its first byte (ingress/hardening.py).
+    body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    # Event streams open at once in one process; beyond it stream requests get 503 + Retry-After.
+    max_streams: int = 5000
+    # Connections (or requests in flight) per process; beyond it uvicorn answers 503 at once.
+    # Above max_streams, so a full set of streams still leaves room for ordinary requests.
+    max_connections: int = 10_000
     # Keys that may call admin routes (POST /api/reset_queue).
     admin_keys: tuple[str, ...] = ()
+    key_cache_s: float = KEY_CACHE_S
     # Requests without a key act as one shared "anonymous" owner, as the seed APIs without
     # keys (Chutes proxy, CyberImage) expect. A wrong key is still refused.
     allow_anonymous: bool = False
     quota: QuotaLimits = field(default_factory=QuotaLimits)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
     # A processing job with no event for this long counts as stalled for reset_queue.
     stall_after_s: float = 600.0
     enrich: EnrichConfig = field(default_factory=EnrichConfig)

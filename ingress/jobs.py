@@ -196,16 +196,18 @@ class JobService:
         *,
         job_id: str | None = None,
         idempotency_key: str | None = None,
+        quota: QuotaLimits | None = None,
     ) -> JobAccepted:
         """Queue a job. With a client-chosen ``job_id`` (PUT) or an ``idempotency_key`` the same
-        request again answers the same job, and another request under that id gets 409."""
+        request again answers the same job, and another request under that id gets 409.
+        ``quota``: the caller's key's limits (the ingress's defaults when None)."""
         spec, params = resolve_params(self._catalog, request, lenient_negative_prompt=dialect == "cyberimage")
         fixed_id = fixed_job_id(owner, job_id, idempotency_key)
         if fixed_id is not None:
             existing = await self._read_model.get_job(fixed_id, None)
             if existing is not None:
                 return _replayed(existing, owner, params, dialect)
-        await self._check_quota(owner, params.num_images)
+        await self._check_quota(owner, params.num_images, quota or self._quota)
         await self._check_queue_depth(spec.queue)
         job_id = fixed_id or new_id()
         queued = JobQueued(job_id=job_id, owner=owner, backend=spec.backend, params=params, dialect=dialect)
@@ -269,26 +271,27 @@ class JobService:
                 headers={"Retry-After": "10"},
             )
 
-    async def _check_quota(self, owner: str, num_images: int) -> None:
+    async def _check_quota(self, owner: str, num_images: int, quota: QuotaLimits) -> None:
         now = datetime.now(UTC)
         usage = await self._read_model.usage(owner, day_start(now))
-        if usage.active_jobs >= self._quota.active_jobs:
+        if usage.active_jobs >= quota.active_jobs:
             raise ApiError(
                 429,
-                f"quota: {usage.active_jobs} jobs already queued or running (limit {self._quota.active_jobs}); "
+                f"quota: {usage.active_jobs} jobs already queued or running (limit {quota.active_jobs}); "
                 "wait for one to finish",
                 headers={"Retry-After": "5"},
             )
-        if usage.images_since + num_images > self._quota.daily_images:
+        if usage.images_since + num_images > quota.daily_images:
             midnight = day_start(now).timestamp() + 86400
             raise ApiError(
                 429,
-                f"quota: {usage.images_since} of {self._quota.daily_images} daily images used; "
+                f"quota: {usage.images_since} of {quota.daily_images} daily images used; "
                 f"{num_images} more would exceed it",
                 headers={"Retry-After": str(max(1, int(midnight - now.timestamp())))},
             )
 
-    async def job(self, job_id: str, owner: str) -> JobRecord:
+    async def job(self, job_id: str, owner: str | None) -> JobRecord:
+        """The owner's job (``owner=None``: anyone's, for admins); 404 for any other."""
         job_id = normalized_id(job_id)
         record = await self._read_model.get_job(job_id, owner) if valid_id(job_id) else None
         if record is None:
@@ -317,7 +320,7 @@ class JobService:
         message = "Job canceled" if job.status.is_terminal() else "Cancel requested; the job stops at its next step"
         return CancelResult(job_id=job.id, status=job.status, message=message)
 
-    async def view(self, job_id: str, owner: str) -> JobView:
+    async def view(self, job_id: str, owner: str | None) -> JobView:
         return self.job_view(await self.job(job_id, owner))
 
     async def image(self, image_id: str, owner: str) -> ImageRecord:

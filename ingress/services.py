@@ -11,6 +11,7 @@ from ingress.auth import KeyRing
 from ingress.config import IngressConfig
 from ingress.images import ImageService
 from ingress.jobs import JobService
+from ingress.keys import KeyStore
 from ingress.links import LinkSigner
 from projector.database import create_database, create_schema
 from projector.readside import ReadModel
@@ -24,17 +25,25 @@ class Services:
     store: ObjectStore
     read_model: ReadModel
     keyring: KeyRing
+    keys: KeyStore
     jobs: JobService
     images: ImageService
 
 
 @asynccontextmanager
 async def open_services(config: IngressConfig) -> AsyncIterator[Services]:
-    keyring = KeyRing(
-        config.api_keys, config.key_secret, admin_keys=config.admin_keys, allow_anonymous=config.allow_anonymous
-    )
     database = create_database(config.database_url)
     await create_schema(database)
+    keys = KeyStore(database, config.key_secret)
+    keyring = KeyRing(
+        config.api_keys,
+        config.key_secret,
+        admin_keys=config.admin_keys,
+        allow_anonymous=config.allow_anonymous,
+        store=keys,
+        quota=config.quota,
+        cache_s=config.key_cache_s,
+    )
     bus = await connect_bus(config.bus_url, config.bus_options)
     store = ObjectStore(config.s3)
     try:
@@ -46,6 +55,7 @@ async def open_services(config: IngressConfig) -> AsyncIterator[Services]:
             store=store,
             read_model=read_model,
             keyring=keyring,
+            keys=keys,
             jobs=jobs,
             images=ImageService(bus, read_model, store, jobs),
         )

@@ -21,6 +21,7 @@ from schemas import (
     ImageStored,
     JobCanceled,
     JobFailed,
+    JobHeartbeat,
     JobProgress,
     JobQueued,
     JobRequeued,
@@ -200,6 +201,8 @@ def apply_event(projection: Projection, event: Event) -> None:
             _delete_image(projection, event)
         case JobQueued():
             pass  # inserted above if absent; a second JobQueued for a known job changes nothing
+        case JobHeartbeat():
+            pass  # only moves last_event_at (below): the stall watchdog's sign of life
     projection.put_job(_touched(job, event.occurred_at))
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -49,13 +50,37 @@ class _EndOfLog:
 class Projector:
     """Applies the event log to the read model, batch by batch, resuming where it left off."""
 
-    def __init__(self, database: Database, bus: Bus, *, name: str = "projector", batch_size: int = 100) -> None:
+    def __init__(
+        self,
+        database: Database,
+        bus: Bus,
+        *,
+        name: str = "projector",
+        batch_size: int = 100,
+        caught_up_after_s: float = 1.0,
+    ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self._database = database
         self._bus = bus
         self._name = name
         self._batch_size = batch_size
+        # Waiting this long on an empty log means it has caught up (catching up after a restart, it
+        # waits only milliseconds between fetches).
+        self._caught_up_after_s = caught_up_after_s
+        # Loop time since which it has been waiting on an empty log (None: it is not waiting).
+        self._waiting_since: float | None = None
+        # occurred_at of the newest event applied.
+        self._applied_through: datetime | None = None
+
+    def fresh_as_of(self) -> datetime | None:
+        """Up to when the read model is complete: now, once the projector has waited a moment on
+        an empty log; else the time of the newest event it applied (a lagging projector's rows are
+        that old). What the stall watchdog judges silence against, so lag never looks like a stall."""
+        waiting = self._waiting_since
+        if waiting is not None and asyncio.get_running_loop().time() - waiting >= self._caught_up_after_s:
+            return datetime.now(UTC)
+        return self._applied_through
 
     async def position(self) -> int | None:
         """The log position the read model reflects (None: nothing applied yet)."""
@@ -101,7 +126,10 @@ class Projector:
 
         Also returns the end of the log if it was reached; an empty batch and no end mean stopped.
         """
+        if queue.empty():
+            self._waiting_since = asyncio.get_running_loop().time()
         item = await _get_unless_stopped(queue, stopped)
+        self._waiting_since = None
         batch: list[LoggedEvent] = []
         handed_over = False
         while isinstance(item, LoggedEvent):
@@ -127,6 +155,10 @@ class Projector:
             apply_events(conn, events)
 
         await self._database.write(transaction)
+        newest = max(event.occurred_at for event in events)
+        if newest.tzinfo is None:
+            newest = newest.replace(tzinfo=UTC)
+        self._applied_through = max(self._applied_through or newest, newest)
         log.debug("batch applied", name=self._name, events=len(batch), position=new_position)
         return new_position
 

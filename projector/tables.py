@@ -115,5 +115,33 @@ projector_positions = Table(
     Column("position", BigInteger, nullable=False),
 )
 
-# The tables a rebuild drops and replays; everything in this metadata is derived from the log.
+# The tables a rebuild drops and replays: derived from the log.
 READ_MODEL_TABLES: tuple[Table, ...] = (jobs, images, upstream_quotas, projector_positions)
+
+# --- Not derived from the log (a rebuild leaves them alone): the ingress's own shared state. ---
+
+# API keys made with `imagebus keys create`: only an HMAC of the key (under the server secret) is
+# kept; the key itself is shown once. ``id`` is the public part embedded in the key.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("key_hash", String(128), nullable=False),
+    Column("role", String(16), nullable=False),
+    # Per-key quotas; NULL: the ingress's defaults.
+    Column("daily_images", Integer, nullable=True),
+    Column("active_jobs", Integer, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+# Fixed-window request counters shared by every ingress replica: one row per limited subject
+# ("key:<owner>", "ip:<address>"), its current window and the requests counted in it.
+rate_limit_counters = Table(
+    "rate_limit_counters",
+    metadata,
+    Column("bucket", String(200), primary_key=True),
+    Column("window_start", BigInteger, nullable=False),
+    Column("count", Integer, nullable=False),
+)

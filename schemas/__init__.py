@@ -13,6 +13,7 @@ from schemas.messages import (
     ImageStored,
     JobCanceled,
     JobFailed,
+    JobHeartbeat,
     JobProgress,
     JobQueued,
     JobRequeued,
@@ -27,6 +28,7 @@ from schemas.messages import (
     encode,
     image_id_for,
     new_id,
+    terminal_message_id,
 )
 from schemas.status import JobStatus
 
@@ -46,6 +48,7 @@ __all__ = [
     "JobAccepted",
     "JobCanceled",
     "JobFailed",
+    "JobHeartbeat",
     "JobProgress",
     "JobQueued",
     "JobRequeued",
@@ -66,4 +69,5 @@ __all__ = [
     "encode",
     "image_id_for",
     "new_id",
+    "terminal_message_id",
 ]

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 SCHEMA_VERSION = 1
 
 _IMAGE_NAMESPACE = uuid.UUID("6f1c1f4e-3b1a-4d8e-9a51-2f6f0e7c9b11")
+_TERMINAL_NAMESPACE = uuid.UUID("0b8c4b52-6a2e-4c55-9a77-3f5d0f3a1e42")
 
 
 def new_id() -> str:
@@ -26,6 +27,16 @@ def new_id() -> str:
 def image_id_for(job_id: str, index: int) -> str:
     """Deterministic image id: a redelivered job rewrites the same images, never adds duplicates."""
     return uuid.uuid5(_IMAGE_NAMESPACE, f"{job_id}/{index}").hex
+
+
+def terminal_message_id(job_id: str) -> str:
+    """The one message id of a job's terminal event, whoever emits it and however often.
+
+    A worker killed between publishing its result and acking the command runs the job again and
+    publishes a second result; with the same id the log's de-duplication window drops it, so a
+    bus subscriber sees one terminal event per job (the read model keeps the first one anyway).
+    """
+    return uuid.uuid5(_TERMINAL_NAMESPACE, job_id).hex
 
 
 def utcnow() -> datetime:
@@ -117,6 +128,18 @@ class JobStarted(Message):
     attempt: int
 
 
+class JobHeartbeat(Message):
+    """The worker running the job is alive (sent every minute or so while it runs).
+
+    Steps can be slow (a model loading, a remote API thinking), so progress alone cannot tell a
+    slow job from a dead worker; the stall watchdog fails a processing job only when these stop.
+    """
+
+    type: Literal["JobHeartbeat"] = "JobHeartbeat"
+    worker_id: str
+    attempt: int
+
+
 class JobRequeued(Message):
     """A stalled job put back to pending (``POST /api/reset_queue``) and its command re-published."""
 
@@ -189,6 +212,7 @@ class UpstreamQuotaObserved(Message):
 Event = Annotated[
     JobQueued
     | JobStarted
+    | JobHeartbeat
     | JobRequeued
     | JobProgress
     | ImageStored
@@ -204,6 +228,7 @@ Event = Annotated[
 EVENT_TYPES: tuple[str, ...] = (
     "JobQueued",
     "JobStarted",
+    "JobHeartbeat",
     "JobRequeued",
     "JobProgress",
     "ImageStored",

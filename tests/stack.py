@@ -21,9 +21,11 @@ from litestar.testing import AsyncTestClient
 from bus import Bus, BusOptions, connect_bus
 from imagebus.catalog import load_catalog
 from ingress.app import create_app
-from ingress.config import IngressConfig
+from ingress.config import IngressConfig, RateLimits
 from projector.database import create_database, create_schema
+from projector.readside import ReadModel
 from projector.service import Projector
+from projector.stall_watchdog import run_stall_watchdog
 from schemas import Catalog, Event
 from storage.object_store import ObjectStore, S3Config
 from workers.backends.base import Backend
@@ -80,16 +82,19 @@ async def running_stack(
     image_ttl_s: float = 600.0,
     workers: int = 1,
     ack_wait_s: float = 30.0,
+    max_deliveries: int = 3,
     catalog: Catalog | None = None,
     extra_workers: Sequence[tuple[Backend, str | None]] = (),
+    watchdog_stall_after_s: float | None = None,
     **config_overrides: Any,
 ) -> AsyncIterator[Stack]:
     """``config_overrides`` are IngressConfig fields (allow_anonymous, quota, stall_after_s, ...).
 
     ``extra_workers``: more workers, each a backend and the queue (catalog pool) it serves.
+    ``watchdog_stall_after_s``: run the stall watchdog beside the projector, checking twice a second.
     """
     catalog = catalog or load_catalog()
-    options = BusOptions(namespace=f"t{uuid.uuid4().hex[:10]}", ack_wait_s=ack_wait_s, max_deliveries=3)
+    options = BusOptions(namespace=f"t{uuid.uuid4().hex[:10]}", ack_wait_s=ack_wait_s, max_deliveries=max_deliveries)
     database = create_database(database_url)
     await create_schema(database)
     store = ObjectStore(s3)
@@ -103,7 +108,8 @@ async def running_stack(
         api_keys=(KEY_ALICE, KEY_BOB),
         key_secret="test-secret",
         admin_keys=(KEY_ADMIN,),
-        **config_overrides,
+        # Off unless a test asks: the others poll as fast as they like.
+        **{"rate_limits": RateLimits(requests_per_key=0, requests_per_ip=0), **config_overrides},
     )
     app = create_app(config)
     stop = asyncio.Event()
@@ -116,13 +122,24 @@ async def running_stack(
         return bus
 
     try:
-        tasks.append(asyncio.create_task(Projector(database, await connect()).run(stop=stop)))
+        projector = Projector(database, await connect())
+        tasks.append(asyncio.create_task(projector.run(stop=stop)))
+        if watchdog_stall_after_s is not None:
+            watchdog = run_stall_watchdog(
+                await connect(),
+                ReadModel(database),
+                projector.fresh_as_of,
+                stall_after_s=watchdog_stall_after_s,
+                interval_s=0.5,
+                stop=stop,
+            )
+            tasks.append(asyncio.create_task(watchdog))
         for index in range(workers):
             worker = Worker(
                 await connect(),
                 store,
                 backend,
-                WorkerOptions(worker_id=f"test-worker-{index}", image_ttl_s=image_ttl_s, max_deliveries=3),
+                WorkerOptions(worker_id=f"test-worker-{index}", image_ttl_s=image_ttl_s, max_deliveries=max_deliveries),
             )
             tasks.append(asyncio.create_task(worker.run(stop=stop)))
         for index, (extra, queue) in enumerate(extra_workers):
@@ -131,7 +148,10 @@ async def running_stack(
                 store,
                 extra,
                 WorkerOptions(
-                    worker_id=f"extra-worker-{index}", image_ttl_s=image_ttl_s, max_deliveries=3, queue=queue
+                    worker_id=f"extra-worker-{index}",
+                    image_ttl_s=image_ttl_s,
+                    max_deliveries=max_deliveries,
+                    queue=queue,
                 ),
             )
             tasks.append(asyncio.create_task(worker.run(stop=stop)))

@@ -62,7 +62,8 @@ def test_up_serves_a_job_and_stops_cleanly(tmp_path: Path) -> None:
                 seen_steps.add(job["progress"]["step"])
                 if job["status"] in ("completed", "failed") or time.monotonic() > deadline:
                     break
-                time.sleep(0.02)
+                # Under the default rate limit (600 requests a minute per key), as a real client is.
+                time.sleep(0.15)
             assert job["status"] == "completed", job
             assert len(job["images"]) == 2
             for image in job["images"]:

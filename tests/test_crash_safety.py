@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,31 +26,10 @@ from schemas import (
     image_id_for,
 )
 from storage.object_store import S3Config
+from tests.chaos_rig import role_env, start_role
 from tests.fixtures.database import NewDatabaseUrl
 from tests.stack import auth, running_stack
 from workers.backends.base import Backend
-
-
-def _role(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> ManagedProcess:
-    return ManagedProcess(
-        name=name,
-        argv=[sys.executable, "-m", "imagebus", *argv],
-        log_path=log_dir / f"{name}.log",
-        env={**env, "IMAGEBUS_LOG_FORMAT": "json"},
-    ).start()
-
-
-def _env(bus_url: str, options: BusOptions, s3: S3Config) -> dict[str, str]:
-    return {
-        "IMAGEBUS_BUS_URL": bus_url,
-        "IMAGEBUS_BUS_NAMESPACE": options.namespace,
-        "IMAGEBUS_ACK_WAIT_S": str(options.ack_wait_s),
-        "IMAGEBUS_MAX_DELIVERIES": str(options.max_deliveries),
-        "IMAGEBUS_S3_ENDPOINT": s3.endpoint,
-        "IMAGEBUS_S3_ACCESS_KEY": s3.access_key,
-        "IMAGEBUS_S3_SECRET_KEY": s3.secret_key,
-        "IMAGEBUS_S3_BUCKET": s3.bucket,
-    }
 
 
 @pytest.mark.parametrize("broker", ["nats", "amqp"])
@@ -63,8 +41,8 @@ async def test_worker_killed_mid_job_is_redelivered_and_completes_once(
     async with running_stack(
         bus_url, storage_config, f"sqlite:///{tmp_path}/rm.db", tiny_backend, workers=0, ack_wait_s=2.0
     ) as stack:
-        env = _env(bus_url, stack.options, storage_config)
-        first = _role("worker-1", ["worker"], {**env, "IMAGEBUS_WORKER_WORKER_ID": "w1"}, tmp_path)
+        env = role_env(bus_url, stack.options, storage_config)
+        first = start_role("worker-1", ["worker"], {**env, "IMAGEBUS_WORKER_WORKER_ID": "w1"}, tmp_path)
         second: ManagedProcess | None = None
         try:
             body = {
@@ -81,7 +59,7 @@ async def test_worker_killed_mid_job_is_redelivered_and_completes_once(
                         if isinstance(event, JobProgress) and event.job_id == job_id and event.step >= 3:
                             break
             first.kill()  # SIGKILL mid-job: no ack, no terminal event
-            second = _role("worker-2", ["worker"], {**env, "IMAGEBUS_WORKER_WORKER_ID": "w2"}, tmp_path)
+            second = start_role("worker-2", ["worker"], {**env, "IMAGEBUS_WORKER_WORKER_ID": "w2"}, tmp_path)
             job = await stack.wait_for_status(job_id, {"completed", "failed"}, timeout_s=180)
             assert job["status"] == "completed", (job, second.tail())
             assert len(job["images"]) == 2
@@ -176,7 +154,8 @@ async def test_projector_killed_at_random_points_equals_rebuild(
         # Small batches: more transactions, more places for a kill to land.
         "IMAGEBUS_PROJECTOR_BATCH_SIZE": "7",
     }
-    all_events = [event for _ in range(150) for event in _job_events(rng)]
+    # Enough that a loaded machine's slow polling still lands several kills midway.
+    all_events = [event for _ in range(400) for event in _job_events(rng)]
     for event in all_events:
         await bus.publish_event(event)
     last_position = len(all_events)
@@ -184,7 +163,7 @@ async def test_projector_killed_at_random_points_equals_rebuild(
     started: list[ManagedProcess] = []
 
     def start_projector() -> ManagedProcess:
-        started.append(_role("projector", ["projector"], env, tmp_path))
+        started.append(start_role("projector", ["projector"], env, tmp_path))
         return started[-1]
 
     kills_midway = 0
@@ -218,7 +197,7 @@ async def test_projector_killed_at_random_points_equals_rebuild(
 
     # The comparison is built the way an operator would: `imagebus projector --rebuild`.
     fresh_url = await new_database_url()  # same kind of database as the live one
-    rebuilder = _role("rebuild", ["projector", "--rebuild"], {**env, "IMAGEBUS_DATABASE_URL": fresh_url}, tmp_path)
+    rebuilder = start_role("rebuild", ["projector", "--rebuild"], {**env, "IMAGEBUS_DATABASE_URL": fresh_url}, tmp_path)
     try:
         for _ in range(600):
             if await _position_or_zero(fresh_url) >= last_position:

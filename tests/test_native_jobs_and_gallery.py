@@ -18,6 +18,7 @@ from imagebus.s3_server import S3Server
 from ingress.config import EnrichConfig, QuotaLimits
 from schemas import ImageDeleted, ImageStored, JobCanceled, JobFailed, JobStarted, JobSucceeded
 from storage.object_store import ObjectMissing, S3Config
+from tests.fixtures.s3 import remove_bucket
 from tests.seed_catalog import seed_catalog
 from tests.slow_backend import StepDelayBackend
 from tests.stack import KEY_ADMIN, KEY_BOB, Stack, auth, running_stack, served
@@ -352,6 +353,7 @@ async def idle_stack(
     s3 = S3Config(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, bucket="test-bad-input")
     async with running_stack("memory://bad-input", s3, db, tiny_backend, workers=0) as stack:
         yield stack
+    remove_bucket(s3)
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status"), BAD_REQUESTS)

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -24,6 +25,7 @@ from projector.apply import ImageState, Projection, apply_event, queued_row
 from projector.database import Database, create_database, create_schema, insert_if_absent
 from projector.readside import ReadModel
 from projector.service import Projector, apply_events, rebuild
+from projector.stall_watchdog import fail_stalled
 from projector.tables import images, jobs
 from schemas import (
     Event,
@@ -33,12 +35,14 @@ from schemas import (
     ImageStored,
     JobCanceled,
     JobFailed,
+    JobHeartbeat,
     JobProgress,
     JobQueued,
     JobStarted,
     JobStatus,
     JobSucceeded,
     image_id_for,
+    terminal_message_id,
 )
 from tests.fixtures.database import NewDatabaseUrl
 
@@ -594,3 +598,68 @@ async def test_ingress_and_projector_write_concurrently(database: Database, data
         await task
         await ingress.dispose()
     assert await table_rows(database) == expected_rows(log)
+
+
+# --- heartbeats and the stall watchdog ------------------------------------------------------------
+
+
+def test_a_heartbeat_only_moves_the_jobs_last_event_time() -> None:
+    before = fold([queued(), started(), progress(step=2)]).jobs["j1"]
+    beat = JobHeartbeat(job_id="j1", worker_id="w1", attempt=1, occurred_at=at(90))
+    after = fold([queued(), started(), progress(step=2), beat]).jobs["j1"]
+    assert after.last_event_at == at(90)
+    assert replace(after, last_event_at=before.last_event_at, updated_at=before.updated_at) == before
+
+
+async def _running_job_an_hour_ago(bus: Bus) -> str:
+    job = uuid.uuid4().hex
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    await publish(
+        bus,
+        [
+            queued(job).model_copy(update={"occurred_at": hour_ago}),
+            started(job).model_copy(update={"occurred_at": hour_ago}),
+        ],
+    )
+    return job
+
+
+async def test_the_watchdog_judges_silence_by_the_projectors_freshness_not_the_clock(database: Database) -> None:
+    bus = await new_bus()
+    job = await _running_job_an_hour_ago(bus)
+    projector = Projector(database, bus, caught_up_after_s=2.0)
+    run = asyncio.create_task(projector.run(stop=(stop := asyncio.Event())))
+    try:
+        for _ in range(1000):
+            if await projector.position() == 2:
+                break
+            await asyncio.sleep(0.01)
+        # Just applied, not yet known to be caught up: the read model is as old as its newest event,
+        # and a job quiet for an hour of wall-clock time is not stalled by that measure.
+        fresh = projector.fresh_as_of()
+        assert fresh is not None and fresh < datetime.now(UTC) - timedelta(minutes=59)
+        assert await fail_stalled(bus, ReadModel(database), fresh_as_of=fresh, stall_after_s=60) == []
+
+        await asyncio.sleep(2.5)  # idle on an empty log: caught up, so now is now
+        fresh = projector.fresh_as_of()
+        assert fresh is not None and fresh > datetime.now(UTC) - timedelta(seconds=5)
+        assert await fail_stalled(bus, ReadModel(database), fresh_as_of=fresh, stall_after_s=60) == [job]
+        record = await ReadModel(database).get_job(job, "alice")
+        while record is None or record.status is not JobStatus.FAILED:
+            await asyncio.sleep(0.01)
+            record = await ReadModel(database).get_job(job, "alice")
+        assert record is not None and record.error == "stalled: no sign of life from its worker for 60 s"
+    finally:
+        stop.set()
+        await run
+    async with bus.read_events(idle_timeout_s=0.1) as events:
+        terminal = [e.event for e in [x async for x in events] if isinstance(e.event, JobFailed)]
+    assert [e.message_id for e in terminal] == [terminal_message_id(job)]
+
+
+async def test_the_watchdog_spares_a_job_whose_worker_heartbeats(database: Database) -> None:
+    bus = await new_bus()
+    job = await _running_job_an_hour_ago(bus)
+    await bus.publish_event(JobHeartbeat(job_id=job, worker_id="w1", attempt=1))
+    await Projector(database, bus).run(idle_timeout_s=IDLE_S)
+    assert await fail_stalled(bus, ReadModel(database), fresh_as_of=datetime.now(UTC), stall_after_s=60) == []

@@ -25,9 +25,11 @@ from schemas import (
     ImageStored,
     JobCanceled,
     JobFailed,
+    JobHeartbeat,
     JobProgress,
     JobStarted,
     JobSucceeded,
+    terminal_message_id,
 )
 from storage.object_store import ObjectStore
 from workers.backends.base import (
@@ -233,3 +235,76 @@ async def test_sigterm_hands_a_long_job_back_to_another_worker(worker_bus: Bus, 
     # (it naks it on the way out: one more delivery counted, none lost).
     assert started[0] == ("w", 1) and started[1:] in ([("w2", 2)], [("w2", 3)]), started
     assert sum(isinstance(e, JobSucceeded) for e in events) == 1
+
+
+async def _dead_letters(bus: Bus, queue: str) -> int:
+    """Commands in the bus's dead-letter place for ``queue``, read from the broker itself."""
+    if hasattr(bus, "dead_letters"):
+        return len(bus.dead_letters(queue))
+    js = bus._js  # type: ignore[attr-defined]
+    names = bus._names  # type: ignore[attr-defined]
+    info = await js.stream_info(names.dead_stream, subjects_filter=names.dead_subject(queue))
+    return int((info.state.subjects or {}).get(names.dead_subject(queue), 0))
+
+
+async def test_a_job_whose_runs_never_finish_is_failed_and_dead_lettered(
+    worker_bus: Bus, object_store: ObjectStore
+) -> None:
+    command = _command()
+    await worker_bus.publish_command(command)
+    # Three runs (max_deliveries) that die without settling, as a job that kills its worker would:
+    # each delivery is taken and handed back unsettled by closing the consumer.
+    for attempt in (1, 2, 3):
+        async with worker_bus.consume_commands("scripted", idle_timeout_s=5) as deliveries:
+            delivery = await anext(aiter(deliveries))
+            assert delivery.attempt == attempt
+    backend = ScriptedBackend()
+    await _worker(worker_bus, object_store, backend).run(idle_timeout_s=1.0)
+
+    assert backend.calls == 0  # the verdict delivery is never run
+    events = await _events(worker_bus, command.job_id)
+    failed = [e for e in events if isinstance(e, JobFailed)]
+    assert len(failed) == 1 and failed[0].error.startswith("dead-lettered after 3 deliveries"), failed
+    assert failed[0].message_id == terminal_message_id(command.job_id)
+    assert await worker_bus.command_backlog("scripted") == 0
+    assert await _dead_letters(worker_bus, "scripted") == 1
+
+
+async def test_a_retried_job_still_gets_all_its_runs(worker_bus: Bus, object_store: ObjectStore) -> None:
+    command = _command()
+    await worker_bus.publish_command(command)
+    # Two runs end in retryable errors; the third (the last allowed) succeeds: not dead-lettered.
+    await _worker(worker_bus, object_store, ScriptedBackend(retryable_failures=2)).run(idle_timeout_s=1.0)
+    events = await _events(worker_bus, command.job_id)
+    assert [e.attempt for e in events if isinstance(e, JobStarted)] == [1, 2, 3]
+    assert [e.type for e in events if isinstance(e, JobSucceeded | JobFailed)] == ["JobSucceeded"]
+    assert await _dead_letters(worker_bus, "scripted") == 0
+
+
+async def test_a_running_job_sends_heartbeat_events(worker_bus: Bus, object_store: ObjectStore) -> None:
+    command = _command()
+    await worker_bus.publish_command(command)
+    backend = ScriptedBackend(steps=6, step_s=0.25)
+    worker = _worker(worker_bus, object_store, backend, heartbeat_event_interval_s=0.3)
+    await worker.run(idle_timeout_s=0.5)
+    events = await _events(worker_bus, command.job_id)
+    beats = [e for e in events if isinstance(e, JobHeartbeat)]
+    # 1.5 s of work at one heartbeat per 0.3 s; a loaded machine may fire fewer, never none.
+    assert len(beats) >= 2 and {(e.worker_id, e.attempt) for e in beats} == {("w", 1)}
+    started = next(i for i, e in enumerate(events) if isinstance(e, JobStarted))
+    finished = next(i for i, e in enumerate(events) if isinstance(e, JobSucceeded))
+    assert all(started < events.index(beat) < finished for beat in beats)
+
+
+async def test_a_second_terminal_event_of_a_job_is_dropped_by_the_log(
+    worker_bus: Bus, object_store: ObjectStore
+) -> None:
+    command = _command()
+    await worker_bus.publish_command(command)
+    await _worker(worker_bus, object_store, ScriptedBackend()).run(idle_timeout_s=0.5)
+    # A rerun after a crash between publish and ack would publish the job's terminal event again.
+    await worker_bus.publish_event(
+        JobFailed(job_id=command.job_id, error="late", message_id=terminal_message_id(command.job_id))
+    )
+    events = await _events(worker_bus, command.job_id)
+    assert [e.type for e in events if isinstance(e, JobSucceeded | JobFailed | JobCanceled)] == ["JobSucceeded"]

@@ -21,6 +21,14 @@ class Canceled:
 
 
 @dataclass(frozen=True)
+class DeadLetter:
+    """Given up on without running (its earlier runs never finished): fail the job, keep the
+    command in the dead-letter place."""
+
+    error: str
+
+
+@dataclass(frozen=True)
 class Retry:
     """Transient failure: redeliver after ``delay_s``."""
 
@@ -33,4 +41,4 @@ class HandBack:
     """The worker is shutting down: give the job to another worker, no event."""
 
 
-Outcome = Succeeded | Failed | Canceled | Retry | HandBack
+Outcome = Succeeded | Failed | Canceled | DeadLetter | Retry | HandBack

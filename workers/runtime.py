@@ -6,6 +6,11 @@ the backend batches (``max_batch_images`` > 1, equal ``batch_key``). ``settle`` 
 emits the terminal event and acks, naks or hands back. A cancel token stops a job between steps
 (a canceled batch member is settled at once, its batch-mates go on), and SIGTERM drains (finish or
 hand back) within a grace period.
+
+Two things keep a job from hanging or looping forever. A delivery past ``max_deliveries`` runs
+(the bus's verdict delivery) is not run again: the job fails and the command is dead-lettered, so
+a job that kills its worker every time stops there. And while a job runs the worker publishes a
+``JobHeartbeat`` now and then, so the stall watchdog can tell a slow job from a dead worker.
 """
 
 from __future__ import annotations
@@ -22,14 +27,17 @@ import structlog
 from bus import Bus, CommandDelivery
 from schemas import (
     CancelJob,
+    Event,
     GenerateImage,
     ImageStored,
     JobCanceled,
     JobFailed,
+    JobHeartbeat,
     JobStarted,
     JobSucceeded,
     UpstreamQuotaObserved,
     image_id_for,
+    terminal_message_id,
 )
 from storage.object_store import ObjectStore
 from workers.backends.base import (
@@ -41,12 +49,19 @@ from workers.backends.base import (
     RetryableError,
     SiteQuota,
 )
-from workers.outcomes import Canceled, Failed, HandBack, Outcome, Retry, Succeeded
+from workers.outcomes import Canceled, DeadLetter, Failed, HandBack, Outcome, Retry, Succeeded
 from workers.progress import ProgressPublisher
 
 log = structlog.get_logger(__name__)
 
 _SHUTDOWN = "worker shutting down"
+# How long a job whose events could not be published waits before it is offered again.
+_BUS_RETRY_DELAY_S = 5.0
+
+
+class BusUnavailable(RetryableError):
+    """An event of a running job could not be published: hand the job back, do not fail it (the
+    bus rides out short outages itself; this is a longer one)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,9 @@ class WorkerOptions:
     worker_id: str
     image_ttl_s: float = 600.0
     heartbeat_interval_s: float = 10.0
+    # A running job's JobHeartbeat event at most this often (the stall watchdog's signal; the
+    # broker's own heartbeat above is more frequent but invisible to the read model).
+    heartbeat_event_interval_s: float = 60.0
     max_deliveries: int = 5
     shutdown_grace_s: float = 25.0
     # The work queue: a catalog pool, or None for the backend's shared queue.
@@ -70,10 +88,18 @@ class _Held:
     held_at: float
     token: CancelToken = field(default_factory=CancelToken)
     settled: bool = False
+    # Loop time of the JobStarted or the last JobHeartbeat; None while waiting for a slot.
+    last_signal_at: float | None = None
 
     @property
     def command(self) -> GenerateImage:
         return self.delivery.command
+
+    @property
+    def suspect(self) -> bool:
+        """Delivered before: its last run may have killed its worker. It runs alone, so a job
+        that crashes its worker takes no innocent job's delivery count down with it."""
+        return self.delivery.attempt > 1
 
 
 class Worker:
@@ -85,7 +111,8 @@ class Worker:
         self._queue = options.queue or backend.name
         self._concurrency = max(1, backend.concurrency)
         self._batch_images = max(1, backend.max_batch_images)
-        # Held at most: every slot busy plus one full batch waiting, so a batch is ready when a slot frees.
+        # Held at most: every slot busy plus one full batch waiting, so a batch is ready when a slot
+        # frees. (A crash charges a delivery to everything held; redelivered jobs then run alone.)
         self._capacity = (self._concurrency + 1) * self._batch_images
         self._held: dict[str, _Held] = {}
         self._waiting: list[_Held] = []
@@ -170,7 +197,8 @@ class Worker:
         self._dispatch()
 
     def _update_room(self) -> None:
-        if len(self._held) < self._capacity:
+        limit = 1 if any(held.suspect for held in self._held.values()) else self._capacity
+        if len(self._held) < limit:
             self._room.set()
         else:
             self._room.clear()
@@ -194,7 +222,7 @@ class Worker:
         """Hold a batchable job back briefly when its batch-mates may be a few milliseconds away
         (commands published together reach us one by one); schedules the retry itself."""
         first = self._waiting[0]
-        if self._batch_key(first.command) is None or self._options.batch_linger_s <= 0:
+        if first.suspect or self._batch_key(first.command) is None or self._options.batch_linger_s <= 0:
             return False
         loop = asyncio.get_running_loop()
         remaining = first.held_at + self._options.batch_linger_s - loop.time()
@@ -216,7 +244,7 @@ class Worker:
         """The oldest waiting job, plus the waiting jobs the backend can run in the same call."""
         first = self._waiting.pop(0)
         members = [first]
-        key = self._batch_key(first.command)
+        key = None if first.suspect else self._batch_key(first.command)
         if key is None:
             return members
         images = first.command.params.num_images
@@ -224,7 +252,9 @@ class Worker:
             wanted = held.command.params.num_images
             if images + wanted > self._batch_images:
                 continue
-            if held.command.job_id not in self._canceled_early and self._batch_key(held.command) == key:
+            if held.suspect or held.command.job_id in self._canceled_early:
+                continue
+            if self._batch_key(held.command) == key:
                 self._waiting.remove(held)
                 members.append(held)
                 images += wanted
@@ -272,14 +302,29 @@ class Worker:
                     self._canceled_early.popitem(last=False)
 
     async def _heartbeat(self) -> None:
-        """Push the redelivery deadline of every held delivery back, running or waiting."""
+        """Push the redelivery deadline of every held delivery back, running or waiting, and tell
+        the read model which running jobs are alive."""
+        loop = asyncio.get_running_loop()
+        interval_s = min(self._options.heartbeat_interval_s, self._options.heartbeat_event_interval_s)
         while True:
-            await asyncio.sleep(self._options.heartbeat_interval_s)
+            await asyncio.sleep(interval_s)
             for held in list(self._held.values()):
                 if held.settled:
                     continue
                 try:
                     await held.delivery.in_progress()
+                    if (
+                        held.last_signal_at is not None
+                        and loop.time() - held.last_signal_at >= self._options.heartbeat_event_interval_s
+                    ):
+                        held.last_signal_at = loop.time()
+                        await self._bus.publish_event(
+                            JobHeartbeat(
+                                job_id=held.command.job_id,
+                                worker_id=self._options.worker_id,
+                                attempt=held.delivery.attempt,
+                            )
+                        )
                 except Exception as exc:
                     log.warning("heartbeat_failed", job_id=held.command.job_id, error=str(exc))
 
@@ -301,6 +346,16 @@ class Worker:
             reason = self._canceled_early.pop(held.command.job_id, None)
             if reason is not None:
                 await self.settle(held, Canceled(reason))
+            elif (runs := held.delivery.attempt - 1) >= self._options.max_deliveries:
+                # The verdict delivery: every earlier run ended without settling (its worker was
+                # killed, stalled, or stopped), so this job would most likely kill us too.
+                await self.settle(
+                    held,
+                    DeadLetter(
+                        f"dead-lettered after {runs} deliveries that never finished "
+                        "(the worker crashed, stalled or was stopped each time)"
+                    ),
+                )
             else:
                 live.append(held)
         if live:
@@ -356,11 +411,12 @@ class Worker:
         results: list[list[GeneratedImage] | BaseException]
         try:
             for held in members:
-                await self._bus.publish_event(
+                await self._publish(
                     JobStarted(
                         job_id=held.command.job_id, worker_id=self._options.worker_id, attempt=held.delivery.attempt
                     )
                 )
+                held.last_signal_at = asyncio.get_running_loop().time()
             await self._backend.prepare(members[0].command.params.model)
             if len(members) == 1:
                 results = [await self._backend.generate(jobs[0])]
@@ -409,6 +465,12 @@ class Worker:
         log.error("job_failed", job_id=held.command.job_id, error=f"{type(error).__name__}: {error}", exc_info=error)
         return Failed(f"{type(error).__name__}: {error}")
 
+    async def _publish(self, event: Event) -> None:
+        try:
+            await self._bus.publish_event(event)
+        except Exception as exc:
+            raise BusUnavailable(f"could not publish {event.type}: {exc!r}", _BUS_RETRY_DELAY_S) from exc
+
     async def settle(self, held: _Held, outcome: Outcome) -> None:
         """The one ack point: terminal event first, then ack; or hand the delivery back. Once."""
         if held.settled:
@@ -416,16 +478,25 @@ class Worker:
         held.settled = True
         delivery = held.delivery
         job_id = delivery.command.job_id
+        # Every terminal event of a job carries one id: a rerun after a crash between publish and
+        # ack republishes it, and the log drops the copy.
+        terminal_id = terminal_message_id(job_id)
         try:
             match outcome:
                 case Succeeded(image_ids):
-                    await self._bus.publish_event(JobSucceeded(job_id=job_id, image_ids=image_ids))
+                    await self._bus.publish_event(
+                        JobSucceeded(job_id=job_id, image_ids=image_ids, message_id=terminal_id)
+                    )
                     await delivery.ack()
                 case Failed(error):
-                    await self._bus.publish_event(JobFailed(job_id=job_id, error=error))
+                    await self._bus.publish_event(JobFailed(job_id=job_id, error=error, message_id=terminal_id))
                     await delivery.ack()
+                case DeadLetter(error):
+                    log.error("job_dead_lettered", job_id=job_id, attempt=delivery.attempt, error=error)
+                    await self._bus.publish_event(JobFailed(job_id=job_id, error=error, message_id=terminal_id))
+                    await delivery.term()
                 case Canceled(reason):
-                    await self._bus.publish_event(JobCanceled(job_id=job_id, reason=reason))
+                    await self._bus.publish_event(JobCanceled(job_id=job_id, reason=reason, message_id=terminal_id))
                     await delivery.ack()
                 case Retry(delay_s, error):
                     log.warning("job_retry", job_id=job_id, delay_s=delay_s, error=error)
@@ -433,8 +504,15 @@ class Worker:
                 case HandBack():
                     log.info("job_handed_back", job_id=job_id)
                     await delivery.nak()
+        except Exception as exc:
+            # The broker still has it unsettled and will offer it again (ack wait, or the closed
+            # channel); never let one settlement stop the batch-mates' or the worker's.
+            log.error("settle_failed", job_id=job_id, outcome=type(outcome).__name__, error=repr(exc))
+            return
         finally:
-            self._held.pop(job_id, None)
+            # By identity: a newer delivery of the same job (after a reconnect) may be held by now.
+            if self._held.get(job_id) is held:
+                del self._held[job_id]
             self._update_room()
         self.handled += 1
         log.info("job_settled", job_id=job_id, outcome=type(outcome).__name__)
@@ -453,7 +531,7 @@ class Worker:
                 key, image.content, content_type=image.content_type, length=image.length
             )
             image.content.close()
-            await self._bus.publish_event(
+            await self._publish(
                 ImageStored(
                     job_id=command.job_id,
                     image_id=image_id,

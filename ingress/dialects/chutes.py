@@ -20,6 +20,7 @@ from ingress.dialects.weights import absolute_url
 from ingress.errors import ApiError
 from ingress.images import check_page
 from ingress.jobs import idempotency_key_of
+from ingress.openapi_responses import error_responses
 from ingress.routes.native import services_of
 from ingress.services import Services
 from projector.readside import JobRecord
@@ -81,15 +82,22 @@ def chutes_task(services: Services, request: Request[Any, Any, Any], job: JobRec
     }
 
 
-@post("/generate", status_code=200, tags=TAGS, summary="Queue an image (Chutes proxy)")
+@post(
+    "/generate",
+    status_code=200,
+    tags=TAGS,
+    summary="Queue an image (Chutes proxy)",
+    responses=error_responses(401, 409, 503),
+)
 async def generate(request: Request[Any, Any, Any], data: JSONBody[ChutesGenerate]) -> dict[str, str]:
     services = services_of(request)
-    owner = require_owner(services.keyring, request)
+    principal = await require_owner(services.keyring, request)
     accepted = await services.jobs.submit(
         GenerateRequest.model_validate(data.model_dump(exclude_none=True)),
-        owner,
+        principal.owner,
         dialect="chutes",
         idempotency_key=idempotency_key_of(request),
+        quota=principal.quota,
     )
     return {"id": task_id(accepted.job_id), "status": "pending", "message": "Task queued successfully"}
 
@@ -111,7 +119,12 @@ async def _page(
     return merged[offset : offset + limit], failed_total + canceled_total
 
 
-@get("/status", tags=TAGS, summary="The caller's tasks, newest first (Chutes proxy); ?status=&page=&limit=")
+@get(
+    "/status",
+    tags=TAGS,
+    summary="The caller's tasks, newest first (Chutes proxy); ?status=&page=&limit=",
+    responses=error_responses(401),
+)
 async def list_tasks(
     request: Request[Any, Any, Any],
     status: FromQuery[ChutesStatus | None] = None,
@@ -119,7 +132,7 @@ async def list_tasks(
     limit: FromQuery[int] = DEFAULT_LIMIT,
 ) -> Response[list[dict[str, Any]]]:
     services = services_of(request)
-    owner = require_owner(services.keyring, request)
+    owner = (await require_owner(services.keyring, request)).owner
     check_page(page, limit)
     if page > MAX_PAGE:
         raise ApiError(400, f"page must be at most {MAX_PAGE}")

@@ -19,6 +19,7 @@ from litestar.response import Stream
 
 from ingress.auth import require_owner
 from ingress.images import image_id_from_filename, settings_of
+from ingress.openapi_responses import error_responses, image_response
 from ingress.routes.images import stream_of
 from ingress.services import Services
 from projector.readside import JobRecord
@@ -109,19 +110,27 @@ def status_view(services: Services, job: JobRecord, position: int | None) -> dic
     return view
 
 
-@get("/status/{job_id:str}", summary="(CyberImage) a job's status with progress flags and images")
+@get(
+    "/status/{job_id:str}",
+    summary="(CyberImage) a job's status with progress flags and images",
+    responses=error_responses(401, 404),
+)
 async def status(request: Request[Any, Any, Any], job_id: FromPath[str]) -> dict[str, Any]:
     services = _services(request)
-    owner = require_owner(services.keyring, request)
+    owner = (await require_owner(services.keyring, request)).owner
     job = await services.jobs.job(job_id, owner)
     position = await services.read_model.queue_position(job) if job.status is JobStatus.PENDING else None
     return status_view(services, job, position)
 
 
-@get("/get_image/{image_id:str}", summary="(CyberImage) the image as PNG")
+@get(
+    "/get_image/{image_id:str}",
+    summary="(CyberImage) the image as PNG",
+    responses={200: image_response("image/png"), **error_responses(401, 404, 410)},
+)
 async def get_image(request: Request[Any, Any, Any], image_id: FromPath[str]) -> Stream:
     services = _services(request)
-    owner = require_owner(services.keyring, request)
+    owner = (await require_owner(services.keyring, request)).owner
     image = await services.images.owned(image_id_from_filename(image_id), owner)
     return stream_of(await services.images.content(image, "png"))
 

@@ -10,19 +10,29 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, Response, get
+from litestar.openapi import ResponseSpec
 from litestar.params import FromPath
 
 from ingress.auth import require_owner
 from ingress.dialects.chutes import chutes_task
-from ingress.dialects.weights import not_found, weights_status
+from ingress.dialects.weights import NotFound, not_found, weights_status
 from ingress.errors import ApiError
+from ingress.openapi_responses import error_responses
 from ingress.routes.native import services_of
 
 
-@get("/status/{job_id:str}", tags=["weights.gg (seeds 000/001)", "Chutes proxy (seed 002)"], summary="A job's status")
+@get(
+    "/status/{job_id:str}",
+    tags=["weights.gg (seeds 000/001)", "Chutes proxy (seed 002)"],
+    summary="A job's status",
+    responses={
+        **error_responses(401),
+        404: ResponseSpec(NotFound, description="No such job for this key", generate_examples=False),
+    },
+)
 async def job_status(request: Request[Any, Any, Any], job_id: FromPath[str]) -> Response[dict[str, Any]]:
     services = services_of(request)
-    owner = require_owner(services.keyring, request)
+    owner = (await require_owner(services.keyring, request)).owner
     try:
         job = await services.jobs.job(job_id, owner)
     except ApiError as exc:

@@ -8,16 +8,17 @@ submission, so the link is handed out at once and serves the image as soon as it
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from litestar import Request, get
 from litestar.params import FromQuery, QueryParameter
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ingress.auth import require_owner
 from ingress.catalog_views import search_loras
 from ingress.errors import ApiError
 from ingress.jobs import idempotency_key_of
+from ingress.openapi_responses import error_responses
 from ingress.quota import usage_of, weights_quota
 from ingress.routes.native import services_of
 from ingress.services import Services
@@ -83,9 +84,17 @@ def weights_status(services: Services, request: Request[Any, Any, Any], job: Job
     }
 
 
+class NotFound(BaseModel):
+    """weights.gg's 404 for an unknown imageId; ``error`` repeats ``message`` for Chutes clients."""
+
+    status: Literal["NOT_FOUND"] = "NOT_FOUND"
+    message: str
+    error: str
+
+
 def not_found(image_id: str) -> dict[str, Any]:
     message = f"image {image_id} not found"
-    return {"status": "NOT_FOUND", "message": message, "error": message}
+    return NotFound(message=message, error=message).model_dump()
 
 
 def _request(prompt: str, lora_id: str | None) -> GenerateRequest:
@@ -96,14 +105,19 @@ def _request(prompt: str, lora_id: str | None) -> GenerateRequest:
         raise ApiError(400, f"invalid request: {problems}") from exc
 
 
-@get("/generateImage", tags=TAGS, summary="Queue an image (weights.gg): ?prompt=&loraName=")
+@get(
+    "/generateImage",
+    tags=TAGS,
+    summary="Queue an image (weights.gg): ?prompt=&loraName=",
+    responses=error_responses(401, 409, 503),
+)
 async def generate_image(
     request: Request[Any, Any, Any],
     prompt: FromQuery[str | None] = None,
     lora_name: Annotated[str | None, QueryParameter(name="loraName")] = None,
 ) -> dict[str, Any]:
     services = services_of(request)
-    owner = require_owner(services.keyring, request)
+    principal = await require_owner(services.keyring, request)
     if prompt is None or not prompt.strip():
         raise ApiError(400, "prompt is required: /generateImage?prompt=<url-encoded prompt>")
     lora_id = None
@@ -113,7 +127,11 @@ async def generate_image(
             raise ApiError(400, f"unknown LoRA {lora_name!r}; find one with /search-loras?query=")
         lora_id = lora.id
     accepted = await services.jobs.submit(
-        _request(prompt, lora_id), owner, dialect="weights", idempotency_key=idempotency_key_of(request)
+        _request(prompt, lora_id),
+        principal.owner,
+        dialect="weights",
+        idempotency_key=idempotency_key_of(request),
+        quota=principal.quota,
     )
     return {
         "success": True,
@@ -124,12 +142,17 @@ async def generate_image(
     }
 
 
-@get("/search-loras", tags=TAGS, summary="Search LoRAs by name, tag or trigger word (weights.gg)")
+@get(
+    "/search-loras",
+    tags=TAGS,
+    summary="Search LoRAs by name, tag or trigger word (weights.gg)",
+    responses=error_responses(401),
+)
 async def search_loras_route(
     request: Request[Any, Any, Any], text: Annotated[str | None, QueryParameter(name="query")] = None
 ) -> list[dict[str, Any]]:
     services = services_of(request)
-    require_owner(services.keyring, request)
+    await require_owner(services.keyring, request)
     if text is None or not text.strip():
         raise ApiError(400, "query is required: /search-loras?query=<url-encoded search term>")
     if len(text) > MAX_QUERY_CHARS:
@@ -137,12 +160,17 @@ async def search_loras_route(
     return [lora.model_dump() for lora in search_loras(services.config.catalog, text).loras]
 
 
-@get("/quota", tags=TAGS, summary="Usage, limits and what remains (weights.gg shape)")
+@get(
+    "/quota",
+    tags=TAGS,
+    summary="Usage, limits and what remains (weights.gg shape)",
+    responses=error_responses(401),
+)
 async def quota(request: Request[Any, Any, Any]) -> dict[str, Any]:
     services = services_of(request)
-    owner = require_owner(services.keyring, request)
+    principal = await require_owner(services.keyring, request)
     upstream = await services.read_model.upstream_quotas()
-    body = weights_quota(await usage_of(services.read_model, owner), services.config.quota, upstream)
+    body = weights_quota(await usage_of(services.read_model, principal.owner), principal.quota, upstream)
     for key in _LIMIT_ONLY_QUOTA_KEYS:
         body["limits"].setdefault(key, 0)
         body["remaining"].setdefault(key, 0)

@@ -10,6 +10,7 @@ from litestar.response import Response, Stream
 
 from ingress.auth import require_owner
 from ingress.images import ImageContent, image_id_from_filename
+from ingress.openapi_responses import error_responses, image_response
 from ingress.services import Services
 from schemas.api import Deleted, Gallery, ImageMetadata
 
@@ -32,7 +33,11 @@ def jpeg(data: bytes) -> Response[bytes]:
 # The second path of a handler is CyberImage's (seed 003) name for the same thing.
 
 
-@get(["/images", "/gallery"], summary="The caller's gallery: newest first, search over prompt and model")
+@get(
+    ["/images", "/gallery"],
+    summary="The caller's gallery: newest first, search over prompt and model",
+    responses=error_responses(401),
+)
 async def gallery(
     request: Request[Any, Any, Any],
     page: FromQuery[int] = 1,
@@ -41,34 +46,46 @@ async def gallery(
     model: FromQuery[str | None] = None,
 ) -> Gallery:
     services = _services(request)
-    owner = require_owner(services.keyring, request)
+    owner = (await require_owner(services.keyring, request)).owner
     return await services.images.gallery(owner, page=page, limit=limit, search=search, model=model)
 
 
-@get("/images/{filename:str}", summary="The image bytes; {filename} is an id or <id>.png (?format=jpeg|webp)")
+@get(
+    "/images/{filename:str}",
+    summary="The image bytes; {filename} is an id or <id>.png (?format=jpeg|webp)",
+    responses={200: image_response(), **error_responses(401, 404, 410)},
+)
 async def image_bytes(
     request: Request[Any, Any, Any],
     filename: FromPath[str],
     format: FromQuery[Literal["png", "jpeg", "webp"] | None] = None,
 ) -> Stream:
     services = _services(request)
-    owner = require_owner(services.keyring, request)
+    owner = (await require_owner(services.keyring, request)).owner
     image = await services.images.owned(image_id_from_filename(filename), owner)
     return stream_of(await services.images.content(image, format))
 
 
-@get("/thumbs/{filename:str}", summary="A small JPEG thumbnail of the image")
+@get(
+    "/thumbs/{filename:str}",
+    summary="A small JPEG thumbnail of the image",
+    responses={200: image_response("image/jpeg"), **error_responses(401, 404, 410)},
+)
 async def thumbnail(request: Request[Any, Any, Any], filename: FromPath[str]) -> Response[bytes]:
     services = _services(request)
-    owner = require_owner(services.keyring, request)
+    owner = (await require_owner(services.keyring, request)).owner
     image = await services.images.owned(image_id_from_filename(filename), owner)
     return jpeg(await services.images.thumbnail(image))
 
 
-@get(["/images/{filename:str}/metadata", "/image/{filename:str}/metadata"], summary="How the image was made")
+@get(
+    ["/images/{filename:str}/metadata", "/image/{filename:str}/metadata"],
+    summary="How the image was made",
+    responses=error_responses(401, 404),
+)
 async def metadata(request: Request[Any, Any, Any], filename: FromPath[str]) -> ImageMetadata:
     services = _services(request)
-    owner = require_owner(services.keyring, request)
+    owner = (await require_owner(services.keyring, request)).owner
     return await services.images.metadata(image_id_from_filename(filename), owner)
 
 
@@ -76,10 +93,11 @@ async def metadata(request: Request[Any, Any, Any], filename: FromPath[str]) -> 
     ["/images/{filename:str}", "/image/{filename:str}"],
     status_code=200,
     summary="Delete the image from storage and gallery now",
+    responses=error_responses(401, 404, 503),
 )
 async def delete_image(request: Request[Any, Any, Any], filename: FromPath[str]) -> Deleted:
     services = _services(request)
-    owner = require_owner(services.keyring, request)
+    owner = (await require_owner(services.keyring, request)).owner
     return await services.images.delete(image_id_from_filename(filename), owner)
 
 

@@ -22,6 +22,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from ingress.errors import ApiError
+from ingress.openapi_responses import error_responses, image_response
 
 log = structlog.get_logger(__name__)
 
@@ -100,7 +101,12 @@ def lora_previews_of(request: Request[Any, Any, Any]) -> LoraPreviews:
     return previews
 
 
-@get("/api/loras/{lora_id:str}/image", summary="A LoRA's preview image (no key needed)", tags=["native"])
+@get(
+    "/api/loras/{lora_id:str}/image",
+    summary="A LoRA's preview image (no key needed)",
+    tags=["native"],
+    responses={200: image_response(), **error_responses(404, 503)},
+)
 async def lora_image(request: Request[Any, Any, Any], lora_id: FromPath[str]) -> Stream:
     content = await lora_previews_of(request).open(lora_id)
     if content is None:

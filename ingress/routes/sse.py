@@ -18,6 +18,8 @@ from litestar.params import FromPath
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from ingress.auth import require_owner
+from ingress.hardening import HOLDS_STREAM
+from ingress.openapi_responses import error_responses, event_stream_response
 from ingress.services import Services
 from projector.apply import stored_row
 from projector.queries import GalleryRecord
@@ -52,10 +54,15 @@ REFRESH_S = 1.0
 TERMINAL_VISIBLE_TIMEOUT_S = 10.0
 
 
-@get("/sse/gallery", summary="New images of the caller as they are stored (Server-Sent Events)")
+@get(
+    "/sse/gallery",
+    summary="New images of the caller as they are stored (Server-Sent Events)",
+    responses={200: event_stream_response(), **error_responses(401, 503)},
+    opt={HOLDS_STREAM: True},
+)
 async def gallery_events(request: Request[Any, Any, Any]) -> ServerSentEvent:
     services: Services = request.app.state.services
-    owner = require_owner(services.keyring, request)
+    owner = (await require_owner(services.keyring, request)).owner
     return ServerSentEvent(_gallery_stream(services, owner), headers={"Cache-Control": "no-store"})
 
 
@@ -89,10 +96,15 @@ async def _gallery_stream(services: Services, owner: str) -> AsyncIterator[Serve
                 await reader
 
 
-@get("/sse/{job_id:str}", summary="Live progress of a job (Server-Sent Events)")
+@get(
+    "/sse/{job_id:str}",
+    summary="Live progress of a job (Server-Sent Events)",
+    responses={200: event_stream_response(), **error_responses(401, 404, 503)},
+    opt={HOLDS_STREAM: True},
+)
 async def job_events(request: Request[Any, Any, Any], job_id: FromPath[str]) -> ServerSentEvent:
     services: Services = request.app.state.services
-    owner = require_owner(services.keyring, request)
+    owner = (await require_owner(services.keyring, request)).owner
     job = await services.jobs.job(job_id, owner)  # 404 before the stream starts, for other owners too
     return ServerSentEvent(_job_stream(services, job.id, owner), headers={"Cache-Control": "no-store"})
 

@@ -13,6 +13,8 @@ from litestar.datastructures import CacheControlHeader
 from litestar.response import File
 from litestar.static_files import create_static_files_router
 
+from ingress.hardening import ShortNames
+
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 # Same-origin scripts and API calls only. Images may also be presigned object-store URLs
@@ -40,7 +42,9 @@ web_router = Router(
     path="/",
     route_handlers=[
         index,
-        create_static_files_router(path="/static", directories=[WEB_DIR], cache_control=_REVALIDATE, name="web"),
+        create_static_files_router(
+            path="/static", directories=[WEB_DIR], cache_control=_REVALIDATE, name="web", middleware=[ShortNames()]
+        ),
     ],
     include_in_schema=False,
 )
