@@ -65,6 +65,7 @@ class Entry:
     """One stored command. ``holder`` is the delivery in flight, if any."""
 
     command: GenerateImage
+    trace_headers: dict[str, str] = field(default_factory=dict)
     deliveries: int = 0
     max_deliveries: int = 0
     ready_at: float = 0.0
@@ -81,9 +82,9 @@ class WorkQueue:
         self.ids = RecentIds()
         self.wakeup = Wakeup()
 
-    def put(self, command: GenerateImage) -> None:
+    def put(self, command: GenerateImage, trace_headers: dict[str, str]) -> None:
         if self.ids.add(command.message_id):
-            self.entries.append(Entry(command))
+            self.entries.append(Entry(command, trace_headers))
             self.wakeup.notify_all()
 
     def take(self, new_holder: Callable[[Entry], H], ack_wait_s: float, max_deliveries: int) -> H | None:
@@ -134,6 +135,8 @@ class Broker:
 
     queues: dict[str, WorkQueue] = field(default_factory=dict)
     log: list[Event] = field(default_factory=list)
+    # The trace headers each logged event was published with (log_headers[i] is log[i]'s).
+    log_headers: list[dict[str, str]] = field(default_factory=list)
     log_ids: RecentIds = field(default_factory=RecentIds)
     log_wakeup: Wakeup = field(default_factory=Wakeup)
     event_watchers: list[EventWatcher] = field(default_factory=list)
@@ -142,10 +145,11 @@ class Broker:
     def queue(self, backend: str) -> WorkQueue:
         return self.queues.setdefault(backend, WorkQueue())
 
-    def append_event(self, event: Event) -> None:
+    def append_event(self, event: Event, trace_headers: dict[str, str]) -> None:
         if not self.log_ids.add(event.message_id):
             return
         self.log.append(event)
+        self.log_headers.append(trace_headers)
         self.log_wakeup.notify_all()
         for watcher in self.event_watchers:
             if watcher.job_id in (None, event.job_id):

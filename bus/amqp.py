@@ -20,7 +20,7 @@ What RabbitMQ does differently from JetStream (callers need not care, but operat
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, suppress
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -41,6 +41,7 @@ from bus._decoding import decoded_or_none
 from bus._delivery import SettleOnce
 from bus._names import AmqpNames, checked_token
 from bus.base import BusOptions, CommandDelivery, LoggedEvent
+from bus.tracing import carried, trace_headers
 from schemas import CancelJob, Event, GenerateImage, Message, decode_command, decode_control, decode_event, encode
 
 log = structlog.get_logger(__name__)
@@ -93,6 +94,10 @@ class _AmqpDelivery(SettleOnce):
         # Quorum queues count returned deliveries in x-delivery-count; absent on the first one.
         returned = (self._message.headers or {}).get("x-delivery-count", 0)
         return int(returned if isinstance(returned, int) else 0) + 1
+
+    @property
+    def trace_headers(self) -> Mapping[str, str]:
+        return carried(self._message.headers)
 
     async def ack(self) -> None:
         self._settle()
@@ -324,7 +329,7 @@ class AmqpBus:
                         continue
                     last = position
                     if (event := decoded_or_none(decode_event, message.body, f"at {position} (skipped)")) is not None:
-                        yield LoggedEvent(position=position, event=event)
+                        yield LoggedEvent(position=position, event=event, trace_headers=carried(message.headers))
 
             async with aclosing(events()) as iterator:
                 yield iterator
@@ -379,6 +384,7 @@ class AmqpBus:
 def _message(message: Message, *, persistent: bool) -> aio_pika.Message:
     return aio_pika.Message(
         encode(message),
+        headers=dict(trace_headers()),
         content_type="application/json",
         message_id=message.message_id,
         type=message.type,

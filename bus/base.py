@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from schemas import CancelJob, Event, GenerateImage
@@ -43,6 +43,11 @@ class CommandDelivery(Protocol):
         """1 on the first delivery, 2 on the first redelivery, ..."""
         ...
 
+    @property
+    def trace_headers(self) -> Mapping[str, str]:
+        """The W3C trace context the command was published in (``bus.tracing``); may be empty."""
+        ...
+
     async def ack(self) -> None:
         """Done with it (succeeded, failed for good or canceled): never deliver it again."""
 
@@ -62,12 +67,16 @@ class LoggedEvent:
 
     position: int
     event: Event
+    # The W3C trace context the event was published in (``bus.tracing``); may be empty.
+    trace_headers: Mapping[str, str] = field(default_factory=dict)
 
 
 class Bus(Protocol):
     options: BusOptions
 
     async def close(self) -> None: ...
+
+    # Both publishes carry the current span's trace context in the message headers.
 
     async def publish_command(self, command: GenerateImage) -> None:
         """Durably enqueue on ``command.queue`` (pool, else backend); de-duplicated on ``command.message_id``."""

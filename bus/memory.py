@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 
 from bus._delivery import SettleOnce
 from bus._memory_state import Broker, Entry, EventWatcher, WorkQueue
 from bus._names import checked_token
 from bus.base import BusOptions, CommandDelivery, LoggedEvent
+from bus.tracing import trace_headers
 from schemas import CancelJob, Event, GenerateImage
 
 # The process-wide "broker": state outlives any one MemoryBus, as a real broker's would.
@@ -38,6 +39,10 @@ class _MemoryDelivery(SettleOnce):
     @property
     def attempt(self) -> int:
         return self._attempt
+
+    @property
+    def trace_headers(self) -> Mapping[str, str]:
+        return self._entry.trace_headers
 
     async def ack(self) -> None:
         self._settle()
@@ -80,10 +85,10 @@ class MemoryBus:
         return None
 
     async def publish_command(self, command: GenerateImage) -> None:
-        self._broker.queue(checked_token(command.queue, "queue")).put(command)
+        self._broker.queue(checked_token(command.queue, "queue")).put(command, trace_headers())
 
     async def publish_event(self, event: Event) -> None:
-        self._broker.append_event(event)
+        self._broker.append_event(event, trace_headers())
 
     async def publish_control(self, control: CancelJob) -> None:
         self._broker.broadcast_control(control)
@@ -141,7 +146,9 @@ class MemoryBus:
             while True:
                 while index < len(broker.log):
                     index += 1
-                    yield LoggedEvent(position=index, event=broker.log[index - 1])
+                    yield LoggedEvent(
+                        position=index, event=broker.log[index - 1], trace_headers=broker.log_headers[index - 1]
+                    )
                 if not await _wait_for_more(broker, index, idle_timeout_s):
                     return
 

@@ -8,7 +8,7 @@ also see every JetStream publish. Every stream, subject and consumer is prefixed
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, suppress
 from typing import TypeVar
 
@@ -25,6 +25,7 @@ from bus._delivery import SettleOnce
 from bus._names import NatsNames, checked_token
 from bus._nats_pull import EventReader, nak_stragglers, pull_one, unsubscribe, withdraw_pull
 from bus.base import BusOptions, CommandDelivery, LoggedEvent
+from bus.tracing import carried, trace_headers
 from schemas import CancelJob, Event, GenerateImage, decode_command, decode_control, decode_event, encode
 
 log = structlog.get_logger(__name__)
@@ -69,6 +70,10 @@ class _NatsDelivery(SettleOnce):
     @property
     def attempt(self) -> int:
         return self._msg.metadata.num_delivered
+
+    @property
+    def trace_headers(self) -> Mapping[str, str]:
+        return carried(self._msg.headers)
 
     async def ack(self) -> None:
         self._settle()
@@ -272,7 +277,7 @@ class NatsBus:
                 for msg in batch:
                     position = msg.metadata.sequence.stream
                     if (event := decoded_or_none(decode_event, msg.data, f"at {position} (skipped)")) is not None:
-                        yield LoggedEvent(position=position, event=event)
+                        yield LoggedEvent(position=position, event=event, trace_headers=carried(msg.headers))
 
         try:
             async with aclosing(events()) as iterator:
@@ -328,12 +333,11 @@ async def publish_durably(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _PUBLISH_PATIENCE_S
     error: Exception = ConnectionError("not connected to the NATS server")
+    headers = {**trace_headers(), api.Header.MSG_ID: msg_id}
     while True:
         if nc.is_connected:
             try:
-                await js.publish(
-                    subject, payload, timeout=_PUBLISH_TRY_S, stream=stream, headers={api.Header.MSG_ID: msg_id}
-                )
+                await js.publish(subject, payload, timeout=_PUBLISH_TRY_S, stream=stream, headers=headers)
                 return
             except _PUBLISH_TRANSIENT as err:
                 error = err

@@ -53,6 +53,15 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
+def _configure(role_settings: Any, role: str) -> None:
+    """Logs and traces of one role process, from its settings."""
+    from imagebus.logging import configure_logging
+    from imagebus.observability import configure_tracing
+
+    configure_logging(role_settings.log_format, role_settings.log_level)
+    configure_tracing(role_settings.service_name or f"imagebus-{role}", role_settings.otlp_endpoint)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     from imagebus import roles, settings
@@ -67,20 +76,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "ingress":
         overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
         ingress = settings.IngressSettings(**overrides)
-        configure_logging(ingress.log_format, ingress.log_level)
+        _configure(ingress, "ingress")
         _run(roles.run_ingress(ingress))
     elif args.command == "worker":
         overrides = {k: v for k, v in {"backend": args.backend, "pool": args.pool}.items() if v is not None}
         worker = settings.WorkerSettings(**overrides)
-        configure_logging(worker.log_format, worker.log_level)
+        _configure(worker, f"worker-{worker.backend}")
         _run(roles.run_worker(worker))
     elif args.command == "projector":
         projector = settings.ProjectorSettings()
-        configure_logging(projector.log_format, projector.log_level)
+        _configure(projector, "projector")
         _run(roles.run_projector(projector, rebuild_first=args.rebuild))
     elif args.command == "reaper":
         reaper = settings.ReaperSettings()
-        configure_logging(reaper.log_format, reaper.log_level)
+        _configure(reaper, "reaper")
         _run(roles.run_reaper(reaper))
     elif args.command == "keys":
         from imagebus.keys_cli import run_keys

@@ -6,6 +6,9 @@ import logging
 import sys
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+from bus.tracing import trace_id_of
 
 
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
@@ -16,6 +19,7 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_id,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
@@ -25,3 +29,11 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def add_trace_id(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """The current span's trace id on every line, so one job's lines can be found across roles."""
+    trace_id = trace_id_of()
+    if trace_id is not None:
+        event_dict.setdefault("trace_id", trace_id)
+    return event_dict

@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from bus import Bus, BusOptions, connect_bus
 from imagebus.catalog import load_catalog
+from imagebus.observability import metrics_endpoint
 from imagebus.settings import (
     IngressSettings,
     ProjectorSettings,
@@ -184,10 +185,12 @@ async def run_worker(settings: WorkerSettings) -> None:
     )
     try:
         stop = stop_on_signals()
-        if settings.preload:
-            await worker.prepare(preload_models(catalog, settings))
-        log.info("worker_ready", worker_id=worker_id, backend=settings.backend, queue=settings.pool or settings.backend)
-        await worker.run(stop=stop)
+        async with metrics_endpoint(settings.metrics_host, settings.metrics_port):
+            if settings.preload:
+                await worker.prepare(preload_models(catalog, settings))
+            queue = settings.pool or settings.backend
+            log.info("worker_ready", worker_id=worker_id, backend=settings.backend, queue=queue)
+            await worker.run(stop=stop)
     finally:
         await bus.close()
 
@@ -208,7 +211,7 @@ async def run_projector(settings: ProjectorSettings, *, rebuild_first: bool = Fa
         await create_schema(database)
         log.info("projector_ready")
         projector = Projector(database, bus, name=settings.name, batch_size=settings.batch_size)
-        async with asyncio.TaskGroup() as roles:
+        async with metrics_endpoint(settings.metrics_host, settings.metrics_port), asyncio.TaskGroup() as roles:
             if settings.stall_after_s > 0:
                 roles.create_task(
                     run_stall_watchdog(
@@ -243,7 +246,8 @@ async def run_reaper(settings: ReaperSettings) -> None:
     try:
         stop = stop_on_signals()
         log.info("reaper_ready", interval_s=settings.interval_s)
-        await reap_forever(store, bus, interval_s=settings.interval_s, stop=stop)
+        async with metrics_endpoint(settings.metrics_host, settings.metrics_port):
+            await reap_forever(store, bus, interval_s=settings.interval_s, stop=stop)
     finally:
         await bus.close()
 

@@ -23,6 +23,17 @@ class _RoleSettings(BaseSettings):
 
     log_format: str = Field("auto", validation_alias=AliasChoices("IMAGEBUS_LOG_FORMAT", "log_format"))
     log_level: str = Field("info", validation_alias=AliasChoices("IMAGEBUS_LOG_LEVEL", "log_level"))
+    # Prometheus /metrics (and /health) of a role without an HTTP API of its own (workers,
+    # projector, reaper); 0: not served. The ingress serves /metrics on its own port.
+    metrics_host: str = _common("METRICS_HOST", "127.0.0.1")
+    metrics_port: int = _common("METRICS_PORT", 0)
+    # Traces: spans go to this OTLP/HTTP collector (e.g. http://otel-collector:4318) when set;
+    # unset, trace ids are still made, carried in message headers and logged.
+    otlp_endpoint: str | None = Field(
+        None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "IMAGEBUS_OTLP_ENDPOINT", "otlp_endpoint")
+    )
+    # The service name on this role's spans (default imagebus-<role>).
+    service_name: str | None = Field(None, validation_alias=AliasChoices("OTEL_SERVICE_NAME", "service_name"))
 
 
 class _BusMixin(BaseSettings):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,13 +17,14 @@ from ingress.dialects import dialect_handlers
 from ingress.errors import EXCEPTION_HANDLERS
 from ingress.hardening import BodyLimits, PlainInput, StreamCap, StreamSlots
 from ingress.rate_limit import RateLimiter, RateLimitMiddleware
-from ingress.routes.health import health
+from ingress.routes.health import health, metrics, ready
 from ingress.routes.images import signed_file_handlers
 from ingress.routes.keys import keys_router
 from ingress.routes.lora_images import LoraPreviews, lora_image_handlers
 from ingress.routes.native import native_router
 from ingress.routes.web import web_router
 from ingress.services import open_services
+from ingress.telemetry import RequestTelemetry, sample_queue_depths
 from storage.object_store import s3_client
 
 
@@ -30,7 +33,17 @@ def create_app(config: IngressConfig) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with open_services(config) as services:
             app.state.services = services
-            yield
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(
+                sample_queue_depths(services.bus, config.catalog, interval_s=config.queue_depth_interval_s, stop=stop)
+            )
+            try:
+                yield
+            finally:
+                stop.set()
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
 
     limiter = RateLimiter(config.rate_limits, config.key_secret, config.database_url)
     previews = LoraPreviews(config.lora_previews, s3_client(config.s3) if config.lora_previews else None)
@@ -38,6 +51,8 @@ def create_app(config: IngressConfig) -> Litestar:
     return Litestar(
         route_handlers=[
             health,
+            ready,
+            metrics,
             native_router,
             keys_router,
             *lora_image_handlers,
@@ -50,6 +65,8 @@ def create_app(config: IngressConfig) -> Litestar:
         lifespan=[lifespan, limiter.lifespan],
         # Hostile input first: refused before anything else is spent on it.
         middleware=[
+            # Outermost: every answer is counted and traced, refusals included.
+            RequestTelemetry(),
             PlainInput(),
             BodyLimits(config.max_body_bytes, config.body_timeout_s),
             RateLimitMiddleware(limiter),

@@ -80,6 +80,8 @@ class IngressConfig:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     # A processing job with no event for this long counts as stalled for reset_queue.
     stall_after_s: float = 600.0
+    # How often imagebus_queue_depth is read from the broker for every queue of the catalog.
+    queue_depth_interval_s: float = 5.0
     enrich: EnrichConfig = field(default_factory=EnrichConfig)
     # Preview images of scanned LoRAs by id: a file path or "s3://bucket/key" (GET /api/loras/{id}/image).
     lora_previews: Mapping[str, str] = field(default_factory=dict)

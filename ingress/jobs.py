@@ -34,6 +34,7 @@ from schemas import (
     new_id,
 )
 from schemas.api import CancelResult, Progress
+from schemas.metrics import JOBS_SUBMITTED
 from storage.object_store import ObjectStore
 
 log = structlog.get_logger(__name__)
@@ -237,6 +238,8 @@ class JobService:
             raise ApiError(503, "the message bus is unavailable; the job was not queued") from enqueued
         if isinstance(recorded, BaseException):
             raise recorded
+        JOBS_SUBMITTED.labels(spec.backend, params.model).inc()
+        log.info("job_submitted", backend=spec.backend, model=params.model, queue=spec.queue)
         return JobAccepted(
             job_id=job_id,
             model=spec.id,

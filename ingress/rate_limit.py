@@ -44,7 +44,7 @@ STORE_TIMEOUT_S = 1.0
 STORE_RETRY_S = 5.0
 
 # Probes must answer while a client is throttled; preflights carry no credentials to count.
-_EXEMPT_PATHS = frozenset({"/health"})
+_EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
 _EXEMPT_METHODS = frozenset({"OPTIONS"})
 
 # Fits the bucket column with its "ip:" prefix whatever a proxy wrote into X-Forwarded-For.

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, RowMapping, bindparam, func, select
+from sqlalchemy import Connection, RowMapping, bindparam, func, literal, select
 
 from projector.apply import ImageRow, ImageState, queued_row
 from projector.database import Database, insert_if_absent
@@ -27,6 +27,7 @@ from projector.tables import images, jobs
 from schemas import GenerationParams, JobQueued, JobStatus
 
 # Statements built once: building one (and its cache key) per call costs more than SQLite running it.
+_PING = select(literal(1))
 _JOB = select(jobs).where(jobs.c.id == bindparam("job_id"))
 _OWNED_JOB = _JOB.where(jobs.c.owner == bindparam("owner"))
 _LIVE_IMAGES_OF_JOB = (
@@ -70,6 +71,10 @@ class ReadModel:
 
     def __init__(self, database: Database) -> None:
         self._database = database
+
+    async def ping(self) -> None:
+        """One round trip to the database (readiness)."""
+        await self._database.read(lambda conn: conn.execute(_PING).scalar_one())
 
     async def get_job(self, job_id: str, owner: str | None) -> JobRecord | None:
         """The job with its images (by index, deleted ones left out), or None."""

@@ -15,14 +15,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from opentelemetry.trace import SpanKind
 from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from bus.base import Bus, LoggedEvent
+from bus.tracing import trace_context, tracer
 from projector.apply import ImageRow, JobRow, Projection, apply_event
 from projector.database import Database, reset_schema, upsert
 from projector.tables import images, jobs, projector_positions, upstream_quotas
-from schemas import Event, ImageDeleted, ImageExpired, ImageStored, UpstreamQuotaObserved
+from schemas import Event, ImageDeleted, ImageExpired, ImageStored, JobStatus, UpstreamQuotaObserved
+from schemas.metrics import JOBS
 
 log = structlog.get_logger(__name__)
 
@@ -149,12 +152,14 @@ class Projector:
         new_position = batch[-1].position
         events = [logged.event for logged in batch]
 
-        def transaction(conn: Connection) -> None:
+        def transaction(conn: Connection) -> list[Transition]:
             # The position first: it takes the write lock, and detects a twin projector before any work.
             _advance_position(conn, self._name, position, new_position)
-            apply_events(conn, events)
+            return apply_events(conn, events)
 
-        await self._database.write(transaction)
+        transitions = await self._database.write(transaction)
+        for transition in transitions:
+            _report(transition, batch[transition.index])
         newest = max(event.occurred_at for event in events)
         if newest.tzinfo is None:
             newest = newest.replace(tzinfo=UTC)
@@ -169,14 +174,46 @@ async def rebuild(database: Database, bus: Bus, *, name: str = "projector", idle
     return await Projector(database, bus, name=name).run(idle_timeout_s=idle_timeout_s)
 
 
-def apply_events(conn: Connection, events: Sequence[Event]) -> None:
-    """Load the rows ``events`` touch, fold the events in order, write back what changed."""
+@dataclass(frozen=True)
+class Transition:
+    """A job's status moved: ``events[index]`` moved it, and ``job`` is its row just after."""
+
+    index: int
+    job: JobRow
+
+
+def apply_events(conn: Connection, events: Sequence[Event]) -> list[Transition]:
+    """Load the rows ``events`` touch, fold the events in order, write back what changed.
+
+    Returns the status changes, in order (a job pre-written by the ingress is already pending).
+    """
     projection = _load(conn, events)
-    for event in events:
+    transitions = []
+    for index, event in enumerate(events):
+        before = projection.jobs.get(event.job_id)
         apply_event(projection, event)
+        after = projection.jobs.get(event.job_id)
+        if after is not None and (before is None or before.status is not after.status):
+            transitions.append(Transition(index, after))
     upsert(conn, jobs, [projection.jobs[key].to_columns() for key in sorted(projection.changed_jobs)])
     upsert(conn, images, [projection.images[key].to_columns() for key in sorted(projection.changed_images)])
     upsert(conn, upstream_quotas, [quota_columns(event) for _, event in sorted(projection.quotas.items())])
+    return transitions
+
+
+def _report(transition: Transition, logged: LoggedEvent) -> None:
+    """Count a committed status change, and log it (with a span) in the trace of the event that
+    made it, so a job's projector lines join its ingress and worker lines."""
+    job = transition.job
+    if job.status is JobStatus.PENDING:
+        return  # counted at submission (imagebus_jobs_submitted_total), or a requeue
+    JOBS.labels(job.status.value, job.backend, job.model).inc()
+    attributes = {"imagebus.job_id": job.id, "imagebus.status": job.status.value}
+    span_name = f"project {logged.event.type}"
+    with tracer.start_as_current_span(
+        span_name, context=trace_context(logged.trace_headers), kind=SpanKind.CONSUMER, attributes=attributes
+    ):
+        log.info("job_projected", job_id=job.id, status=job.status.value, position=logged.position)
 
 
 def quota_columns(event: UpstreamQuotaObserved) -> dict[str, Any]:

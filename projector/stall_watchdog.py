@@ -24,6 +24,7 @@ import structlog
 from bus.base import Bus
 from projector.readside import ReadModel
 from schemas import JobFailed, terminal_message_id
+from schemas.metrics import JOBS_STALLED
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +35,7 @@ async def fail_stalled(bus: Bus, read_model: ReadModel, *, fresh_as_of: datetime
     for job in stalled:
         error = f"stalled: no sign of life from its worker for {stall_after_s:.0f} s"
         await bus.publish_event(JobFailed(job_id=job.id, error=error, message_id=terminal_message_id(job.id)))
+        JOBS_STALLED.inc()
         log.warning("job_stalled", job_id=job.id, backend=job.backend, stall_after_s=stall_after_s)
     return [job.id for job in stalled]
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from schemas import ImageExpired
+from schemas.metrics import IMAGES_EXPIRED
 from storage.object_store import ExpiringObject, ObjectStore
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ async def reap_expired(store: ObjectStore, bus: Bus, now: datetime | None = None
         for obj in fresh:
             await bus.publish_event(image_expired(obj))
             await store.delete(obj.key)
+            IMAGES_EXPIRED.inc()
             seen.add(obj.key)
             reaped += 1
         # A short batch was the last one. A batch of keys already deleted means the listing

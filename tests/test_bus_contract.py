@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
 import pytest
 
 from bus import Bus, BusOptions, CommandDelivery, LoggedEvent, connect_bus
+from bus.tracing import attached, trace_context, trace_id_of
 from schemas import CancelJob, GenerateImage, GenerationParams, JobProgress, JobQueued, JobStarted, new_id
 from tests.fixtures.brokers import ConnectBus
 
@@ -87,6 +89,23 @@ async def read_all(bus: Bus, after: int | None = None, idle_timeout_s: float = Q
 
 
 # --- commands -------------------------------------------------------------------------------------
+
+
+async def test_commands_and_events_carry_the_publishers_trace_context(bus: Bus) -> None:
+    trace_id = uuid.uuid4().hex
+    parent = trace_context({"traceparent": f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"})
+    async with asyncio.timeout(TEST_TIMEOUT_S):
+        sent = command()
+        with attached(parent):
+            await bus.publish_command(sent)
+            await bus.publish_event(progress(sent.job_id, 1))
+        await bus.publish_event(progress(sent.job_id, 2))  # outside any trace
+
+        taken = await consume_all(bus)
+        logged = [entry for entry in await read_all(bus) if entry.event.job_id == sent.job_id]
+
+        assert [trace_id_of(trace_context(d.trace_headers)) for d in taken] == [trace_id]
+        assert [trace_id_of(trace_context(entry.trace_headers)) for entry in logged] == [trace_id, None]
 
 
 async def test_command_is_delivered_once_and_acked(bus: Bus) -> None:

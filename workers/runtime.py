@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
 
 from bus import Bus, CommandDelivery
+from bus.tracing import attached, trace_context, tracer
 from schemas import (
     CancelJob,
     Event,
@@ -39,6 +44,7 @@ from schemas import (
     image_id_for,
     terminal_message_id,
 )
+from schemas.metrics import JOB_DURATION, JOB_QUEUE_SECONDS, WORKER_BUSY_RATIO, WORKER_BUSY_SECONDS, WORKER_SLOTS
 from storage.object_store import ObjectStore
 from workers.backends.base import (
     Backend,
@@ -90,6 +96,10 @@ class _Held:
     settled: bool = False
     # Loop time of the JobStarted or the last JobHeartbeat; None while waiting for a slot.
     last_signal_at: float | None = None
+    # The job's trace: the publisher's context, then this worker's span in it once the job runs.
+    trace: otel_context.Context = field(default_factory=otel_context.Context)
+    span: Span | None = None
+    started_at: float | None = None
 
     @property
     def command(self) -> GenerateImage:
@@ -126,6 +136,11 @@ class Worker:
         # Cancels that arrived before their job did (bounded: only recent ones matter).
         self._canceled_early: OrderedDict[str, str] = OrderedDict()
         self.handled = 0
+        # Runs going on since (monotonic) when: the busy metrics.
+        self._busy_slots = 0
+        self._busy_since = time.monotonic()
+        WORKER_SLOTS.labels(backend.name).set(self._concurrency)
+        WORKER_BUSY_RATIO.labels(backend.name).set(0)
 
     async def prepare(self, models: list[str]) -> None:
         for model in models:
@@ -190,7 +205,7 @@ class Worker:
         return received
 
     def _hold(self, delivery: CommandDelivery) -> None:
-        held = _Held(delivery, asyncio.get_running_loop().time())
+        held = _Held(delivery, asyncio.get_running_loop().time(), trace=trace_context(delivery.trace_headers))
         self._held[delivery.command.job_id] = held
         self._waiting.append(held)
         self._update_room()
@@ -211,12 +226,22 @@ class Worker:
             task = asyncio.create_task(self._run_batch(members))
             self._runs.add(task)
             task.add_done_callback(self._run_done)
+            self._count_busy()
 
     def _run_done(self, task: asyncio.Task[None]) -> None:
         self._runs.discard(task)
         if not task.cancelled() and (error := task.exception()) is not None:
             log.error("run_crashed", error=repr(error))
+        self._count_busy()
         self._dispatch()
+
+    def _count_busy(self) -> None:
+        """Busy slots now, and slot-seconds busy since the last change."""
+        now = time.monotonic()
+        WORKER_BUSY_SECONDS.labels(self._backend.name).inc(self._busy_slots * (now - self._busy_since))
+        self._busy_since = now
+        self._busy_slots = len(self._runs)
+        WORKER_BUSY_RATIO.labels(self._backend.name).set(self._busy_slots / self._concurrency)
 
     def _should_linger(self) -> bool:
         """Hold a batchable job back briefly when its batch-mates may be a few milliseconds away
@@ -331,6 +356,32 @@ class Worker:
     # --- running ----------------------------------------------------------------------------
 
     async def _run_batch(self, members: list[_Held]) -> None:
+        for held in members:
+            self._begin_trace(held)
+        if len(members) == 1:
+            # A run of one job is that job's: everything in it, logs included, is in its trace.
+            with attached(members[0].trace):
+                await self._run_members(members)
+        else:
+            await self._run_members(members)
+
+    def _begin_trace(self, held: _Held) -> None:
+        """This worker's span for the job, a child of the publisher's (the ingress request)."""
+        command = held.command
+        held.span = tracer.start_span(
+            f"generate {self._backend.name}",
+            context=held.trace,
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "imagebus.job_id": command.job_id,
+                "imagebus.backend": self._backend.name,
+                "imagebus.model": command.params.model,
+                "imagebus.attempt": held.delivery.attempt,
+            },
+        )
+        held.trace = trace.set_span_in_context(held.span, held.trace)
+
+    async def _run_members(self, members: list[_Held]) -> None:
         structlog.contextvars.clear_contextvars()
         if len(members) == 1:
             structlog.contextvars.bind_contextvars(
@@ -400,8 +451,9 @@ class Worker:
                 # A batch-mate's cancel ends that job now; the batch goes on for the others.
                 held.token.on_cancel(self._settle_canceled_later(loop, held))
         with contextlib.ExitStack() as publishing:
-            for publisher in publishers:
-                publishing.enter_context(publisher)
+            for held, publisher in zip(members, publishers, strict=True):
+                with attached(held.trace):  # its publishing task keeps the job's trace
+                    publishing.enter_context(publisher)
             results = await self._call_backend(members, jobs, publishers)
         return [await self._outcome(held, result) for held, result in zip(members, results, strict=True)]
 
@@ -411,12 +463,16 @@ class Worker:
         results: list[list[GeneratedImage] | BaseException]
         try:
             for held in members:
-                await self._publish(
-                    JobStarted(
-                        job_id=held.command.job_id, worker_id=self._options.worker_id, attempt=held.delivery.attempt
+                with attached(held.trace):
+                    await self._publish(
+                        JobStarted(
+                            job_id=held.command.job_id, worker_id=self._options.worker_id, attempt=held.delivery.attempt
+                        )
                     )
-                )
                 held.last_signal_at = asyncio.get_running_loop().time()
+                held.started_at = time.monotonic()
+                waited = (datetime.now(UTC) - held.command.occurred_at).total_seconds()
+                JOB_QUEUE_SECONDS.labels(self._backend.name, held.command.params.model).observe(max(waited, 0.0))
             await self._backend.prepare(members[0].command.params.model)
             if len(members) == 1:
                 results = [await self._backend.generate(jobs[0])]
@@ -450,7 +506,8 @@ class Worker:
         if isinstance(result, BaseException):
             return self._failure(held, result)
         try:
-            return Succeeded(await self._store_images(held.command, result, token))
+            with attached(held.trace):
+                return Succeeded(await self._store_images(held.command, result, token))
         except Exception as exc:
             return self._failure(held, exc)
 
@@ -476,6 +533,16 @@ class Worker:
         if held.settled:
             return
         held.settled = True
+        with attached(held.trace):
+            settled = await self._settle(held, outcome)
+        if held.span is not None:
+            held.span.set_attribute("imagebus.outcome", type(outcome).__name__)
+            held.span.end()
+        if settled and isinstance(outcome, Succeeded) and held.started_at is not None:
+            duration = time.monotonic() - held.started_at
+            JOB_DURATION.labels(self._backend.name, held.command.params.model).observe(duration)
+
+    async def _settle(self, held: _Held, outcome: Outcome) -> bool:
         delivery = held.delivery
         job_id = delivery.command.job_id
         # Every terminal event of a job carries one id: a rerun after a crash between publish and
@@ -508,7 +575,7 @@ class Worker:
             # The broker still has it unsettled and will offer it again (ack wait, or the closed
             # channel); never let one settlement stop the batch-mates' or the worker's.
             log.error("settle_failed", job_id=job_id, outcome=type(outcome).__name__, error=repr(exc))
-            return
+            return False
         finally:
             # By identity: a newer delivery of the same job (after a reconnect) may be held by now.
             if self._held.get(job_id) is held:
@@ -516,6 +583,7 @@ class Worker:
             self._update_room()
         self.handled += 1
         log.info("job_settled", job_id=job_id, outcome=type(outcome).__name__)
+        return True
 
     async def _store_images(
         self, command: GenerateImage, images: list[GeneratedImage], token: CancelToken
