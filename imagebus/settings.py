@@ -151,7 +151,8 @@ class WorkerSettings(_RoleSettings, _BusMixin, _S3Mixin, _CatalogMixin):
     sites_dir: Path | None = None
     storage_state_dir: Path | None = None
     headless: bool = True
-    # Extra Chromium flags; add "--no-sandbox" when the worker runs as root in a container.
+    # Extra Chromium flags. (Playwright already launches Chromium with --no-sandbox: the container,
+    # non-root with no capabilities, is the sandbox.)
     browser_args: list[str] = Field(
         default_factory=lambda: [
             "--disable-gpu",
