@@ -25,6 +25,10 @@ class BusOptions:
     max_deliveries: int = 5
     # How long the event log keeps events (the projector can rebuild from it within this window).
     event_retention_s: float = 7 * 24 * 3600.0
+    # Copies of each stream (NATS) a JetStream cluster keeps: 3 on a 3-server cluster, so losing a
+    # server loses nothing. None: streams are created with 1 and an existing stream keeps what it
+    # has (an operator may have changed it by hand).
+    replicas: int | None = None
 
     @property
     def delivery_limit(self) -> int:

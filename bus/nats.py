@@ -115,6 +115,7 @@ def _kept_stream(name: str, subjects: str, options: BusOptions) -> api.StreamCon
         max_age=options.event_retention_s,
         # The server refuses a duplicate window longer than max_age.
         duplicate_window=min(_DUPLICATE_WINDOW_S, options.event_retention_s),
+        num_replicas=options.replicas or 1,
     )
 
 
@@ -168,10 +169,15 @@ class NatsBus:
                     retention=api.RetentionPolicy.WORK_QUEUE,
                     storage=api.StorageType.FILE,
                     duplicate_window=_DUPLICATE_WINDOW_S,
+                    num_replicas=options.replicas or 1,
                 ),
+                options.replicas,
             )
-            await _ensure_stream(js, _kept_stream(names.dead_stream, names.dead_subjects, options))
-            await _ensure_stream(js, _kept_stream(names.evt_stream, names.evt_subjects, options))
+            for kept in (
+                _kept_stream(names.dead_stream, names.dead_subjects, options),
+                _kept_stream(names.evt_stream, names.evt_subjects, options),
+            ):
+                await _ensure_stream(js, kept, options.replicas)
         except BaseException:
             await nc.close()
             raise
@@ -347,7 +353,9 @@ async def publish_durably(
         await asyncio.sleep(_PUBLISH_RETRY_DELAY_S)
 
 
-async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig, replicas: int | None) -> None:
+    """Create the stream, or bring an existing one to our subjects, age and window, and to
+    ``replicas`` when that is set (None: an existing stream keeps the replicas it has)."""
     try:
         await js.add_stream(config)
     except BadRequestError as err:
@@ -358,7 +366,10 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None
         assert config.name is not None
         current = (await js.stream_info(config.name)).config
         wanted = current.evolve(
-            subjects=config.subjects, max_age=config.max_age, duplicate_window=config.duplicate_window
+            subjects=config.subjects,
+            max_age=config.max_age,
+            duplicate_window=config.duplicate_window,
+            num_replicas=replicas or current.num_replicas,
         )
         if wanted != current:
             await js.update_stream(wanted)

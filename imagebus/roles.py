@@ -42,6 +42,8 @@ def bus_options(settings: _BusMixin) -> BusOptions:
         namespace=settings.bus_namespace,
         ack_wait_s=settings.ack_wait_s,
         max_deliveries=settings.max_deliveries,
+        event_retention_s=settings.event_retention_s,
+        replicas=settings.bus_replicas,
     )
 
 

@@ -41,6 +41,11 @@ class _BusMixin(BaseSettings):
     bus_namespace: str = _common("BUS_NAMESPACE", "imagebus")
     ack_wait_s: float = _common("ACK_WAIT_S", 30.0)
     max_deliveries: int = _common("MAX_DELIVERIES", 5)
+    # How long the event log keeps events (the projector rebuilds from it; subscribers replay it).
+    event_retention_s: float = _common("EVENT_RETENTION_S", 7 * 24 * 3600.0)
+    # NATS: copies of each stream in a JetStream cluster (3 for a 3-server cluster); unset, streams
+    # are created with 1 and an existing stream keeps its own.
+    bus_replicas: int | None = _common("BUS_REPLICAS", None)
 
 
 class _S3Mixin(BaseSettings):

