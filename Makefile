@@ -34,7 +34,7 @@ typecheck: install
 	$(VENV)/bin/mypy
 
 unit: install services browser
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest --durations=20 $(PYTEST_ARGS)
 
 test: lint typecheck unit
 

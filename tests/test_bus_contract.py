@@ -83,9 +83,20 @@ async def consume_all(bus: Bus, idle_timeout_s: float = QUIET_S) -> list[Command
     return taken
 
 
-async def read_all(bus: Bus, after: int | None = None, idle_timeout_s: float = QUIET_S) -> list[LoggedEvent]:
-    async with bus.read_events(after=after, idle_timeout_s=idle_timeout_s) as events:
-        return [logged async for logged in events]
+async def read_all(
+    bus: Bus, after: int | None = None, idle_timeout_s: float = QUIET_S, *, at_least: int = 0
+) -> list[LoggedEvent]:
+    """The log after ``after``, until it stays quiet for ``idle_timeout_s`` once ``at_least``
+    events are in (a reader attaching to a busy broker may take longer than that to start)."""
+    logged: list[LoggedEvent] = []
+    async with bus.read_events(after=after, idle_timeout_s=None) as events:
+        iterator = aiter(events)
+        while True:
+            wait_s = idle_timeout_s if len(logged) >= at_least else TEST_TIMEOUT_S
+            try:
+                logged.append(await asyncio.wait_for(anext(iterator), wait_s))
+            except (TimeoutError, StopAsyncIteration):
+                return logged
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -102,7 +113,7 @@ async def test_commands_and_events_carry_the_publishers_trace_context(bus: Bus) 
         await bus.publish_event(progress(sent.job_id, 2))  # outside any trace
 
         taken = await consume_all(bus)
-        logged = [entry for entry in await read_all(bus) if entry.event.job_id == sent.job_id]
+        logged = [entry for entry in await read_all(bus, at_least=2) if entry.event.job_id == sent.job_id]
 
         assert [trace_id_of(trace_context(d.trace_headers)) for d in taken] == [trace_id]
         assert [trace_id_of(trace_context(entry.trace_headers)) for entry in logged] == [trace_id, None]
@@ -323,7 +334,7 @@ async def test_event_log_keeps_order_with_increasing_positions(bus: Bus) -> None
         for event in sent:
             await bus.publish_event(event)
 
-        logged = await read_all(bus)
+        logged = await read_all(bus, at_least=len(sent))
 
         assert [entry.event for entry in logged] == sent
         positions = [entry.position for entry in logged]
@@ -336,9 +347,9 @@ async def test_reading_resumes_right_after_a_position(bus: Bus) -> None:
         job_id = new_id()
         for step in range(10):
             await bus.publish_event(progress(job_id, step))
-        logged = await read_all(bus)
+        logged = await read_all(bus, at_least=10)
 
-        resumed = await read_all(bus, after=logged[3].position)
+        resumed = await read_all(bus, after=logged[3].position, at_least=6)
 
         assert resumed == logged[4:]
         assert await read_all(bus, after=logged[-1].position) == []
@@ -377,7 +388,7 @@ async def test_republished_event_is_logged_once(bus: Bus, bus_kind: str) -> None
         await bus.publish_event(event)
         await bus.publish_event(event)
 
-        logged = await read_all(bus)
+        logged = await read_all(bus, at_least=1)
 
         assert len(logged) == (1 if DEDUPLICATES[bus_kind] else 2)
         assert {entry.event for entry in logged} == {event}
