@@ -203,7 +203,9 @@ async def run_projector(settings: ProjectorSettings, *, rebuild_first: bool = Fa
     from projector.service import Projector, rebuild
     from projector.stall_watchdog import run_stall_watchdog
 
-    database = create_database(settings.database_url)
+    database = create_database(
+        settings.database_url, pool_size=settings.database_pool_size, pool_overflow=settings.database_pool_overflow
+    )
     bus = await _connect(settings)
     try:
         stop = stop_on_signals()
@@ -266,6 +268,8 @@ def ingress_config(settings: IngressSettings) -> IngressConfig:
         bus_options=bus_options(settings),
         s3=s3_config(settings),
         database_url=settings.database_url,
+        database_pool_size=settings.database_pool_size,
+        database_pool_overflow=settings.database_pool_overflow,
         catalog=loaded.catalog,
         lora_previews=loaded.lora_previews,
         api_keys=keys,

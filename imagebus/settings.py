@@ -14,8 +14,8 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-def _common(name: str, default: Any) -> Any:
-    return Field(default, validation_alias=AliasChoices(f"IMAGEBUS_{name}", name.lower()))
+def _common(name: str, default: Any, **constraints: Any) -> Any:
+    return Field(default, validation_alias=AliasChoices(f"IMAGEBUS_{name}", name.lower()), **constraints)
 
 
 class _RoleSettings(BaseSettings):
@@ -61,6 +61,10 @@ class _S3Mixin(BaseSettings):
 
 class _DatabaseMixin(BaseSettings):
     database_url: str = _common("DATABASE_URL", "sqlite:///.imagebus/readmodel.db")
+    # PostgreSQL connections per handle: kept open, and more while busy. An ingress process holds
+    # two handles (read model, rate-limit counters), the projector one; size max_connections to it.
+    database_pool_size: int = _common("DATABASE_POOL_SIZE", 10, ge=1)
+    database_pool_overflow: int = _common("DATABASE_POOL_OVERFLOW", 20, ge=0)
 
 
 class _CatalogMixin(BaseSettings):

@@ -45,7 +45,7 @@ def create_app(config: IngressConfig) -> Litestar:
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampler
 
-    limiter = RateLimiter(config.rate_limits, config.key_secret, config.database_url)
+    limiter = RateLimiter(config)
     previews = LoraPreviews(config.lora_previews, s3_client(config.s3) if config.lora_previews else None)
     stream_slots = StreamSlots(config.max_streams)
     return Litestar(

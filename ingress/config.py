@@ -78,6 +78,9 @@ class IngressConfig:
     allow_anonymous: bool = False
     quota: QuotaLimits = field(default_factory=QuotaLimits)
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    # PostgreSQL connections per database handle (projector/database.py); this process holds two.
+    database_pool_size: int = 10
+    database_pool_overflow: int = 20
     # A processing job with no event for this long counts as stalled for reset_queue.
     stall_after_s: float = 600.0
     # How often imagebus_queue_depth is read from the broker for every queue of the catalog.

@@ -30,9 +30,10 @@ from sqlalchemy import Connection, Executable, bindparam, case, delete, func, se
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ingress.auth import presented_key
-from ingress.config import RateLimits
+from ingress.config import IngressConfig
 from ingress.errors import ApiError
-from projector.database import Database, create_database
+from ingress.services import open_database
+from projector.database import Database
 from projector.tables import rate_limit_counters
 
 log = structlog.get_logger(__name__)
@@ -84,10 +85,10 @@ class Usage:
 class RateLimiter:
     """Counts requests against the shared counters; owns the database handle they live in."""
 
-    def __init__(self, limits: RateLimits, key_secret: str, database_url: str) -> None:
-        self.limits = limits
-        self._secret = key_secret.encode()
-        self._database_url = database_url
+    def __init__(self, config: IngressConfig) -> None:
+        self.limits = limits = config.rate_limits
+        self._secret = config.key_secret.encode()
+        self._config = config
         self._database: Database | None = None
         self._key_policy = Policy("key", limits.requests_per_key, limits.window_s, "per API key")
         self._ip_policy = Policy("ip", limits.requests_per_ip, limits.window_s, "per client address")
@@ -107,7 +108,7 @@ class RateLimiter:
         if not self.enabled:
             yield
             return
-        self._database = create_database(self._database_url)
+        self._database = open_database(self._config)
         try:
             yield
         finally:

@@ -13,7 +13,7 @@ from ingress.images import ImageService
 from ingress.jobs import JobService
 from ingress.keys import KeyStore
 from ingress.links import LinkSigner
-from projector.database import create_database, create_schema
+from projector.database import Database, create_database, create_schema
 from projector.readside import ReadModel
 from storage.object_store import ObjectStore
 
@@ -30,9 +30,16 @@ class Services:
     images: ImageService
 
 
+def open_database(config: IngressConfig) -> Database:
+    """A handle on the read model's database, with the configured connection pool."""
+    return create_database(
+        config.database_url, pool_size=config.database_pool_size, pool_overflow=config.database_pool_overflow
+    )
+
+
 @asynccontextmanager
 async def open_services(config: IngressConfig) -> AsyncIterator[Services]:
-    database = create_database(config.database_url)
+    database = open_database(config)
     await create_schema(database)
     keys = KeyStore(database, config.key_secret)
     keyring = KeyRing(

@@ -77,10 +77,13 @@ class Database(ABC):
         """Wait for work in flight, then close every connection."""
 
 
-def create_database(url: str) -> Database:
+def create_database(url: str, *, pool_size: int = 10, pool_overflow: int = 20) -> Database:
     """The read model at ``sqlite:///file.db`` or a ``postgresql://`` / ``postgres://`` URL.
 
-    SQLite always uses the stdlib driver; PostgreSQL uses asyncpg unless the URL names psycopg.
+    SQLite always uses the stdlib driver, a connection per thread. PostgreSQL uses asyncpg unless
+    the URL names psycopg, keeping ``pool_size`` connections open and up to ``pool_overflow`` more
+    while busy: an ingress process holds two handles and the projector one, so these times the
+    replicas must stay under the server's ``max_connections``.
     """
     parsed = make_url(url)
     backend = parsed.get_backend_name()
@@ -89,7 +92,7 @@ def create_database(url: str) -> Database:
             raise ValueError("an in-memory SQLite read model would be one per connection: give it a file")
         return SQLiteDatabase(parsed.set(drivername="sqlite+pysqlite"))
     if backend in ("postgresql", "postgres"):
-        return PostgresDatabase(parsed)
+        return PostgresDatabase(parsed, pool_size=pool_size, pool_overflow=pool_overflow)
     raise ValueError(f"unsupported read-model URL {parsed.render_as_string()!r}: use sqlite:// or postgresql://")
 
 
@@ -158,8 +161,8 @@ class SQLiteDatabase(Database):
 class PostgresDatabase(Database):
     """PostgreSQL on asyncpg: the same synchronous work, run on the async connection by run_sync."""
 
-    def __init__(self, url: URL) -> None:
-        self._engine = _postgres_engine(url)
+    def __init__(self, url: URL, *, pool_size: int, pool_overflow: int) -> None:
+        self._engine = _postgres_engine(url, pool_size=pool_size, pool_overflow=pool_overflow)
 
     async def read(self, work: Callable[[Connection], T]) -> T:
         async with self._engine.connect() as conn:
@@ -213,7 +216,7 @@ def _sqlite_engine(url: URL, *, pool_size: int) -> Engine:
     return engine
 
 
-def _postgres_engine(url: URL) -> AsyncEngine:
+def _postgres_engine(url: URL, *, pool_size: int, pool_overflow: int) -> AsyncEngine:
     driver = url.drivername.partition("+")[2]
     if driver not in ("asyncpg", "psycopg", "psycopg_async"):
         url = url.set(drivername="postgresql+asyncpg")
@@ -223,8 +226,8 @@ def _postgres_engine(url: URL) -> AsyncEngine:
         url = url.difference_update_query(["sslmode"]).update_query_dict({"ssl": mode})
     return create_async_engine(
         url,
-        pool_size=10,
-        max_overflow=20,
+        pool_size=pool_size,
+        max_overflow=pool_overflow,
         # Survive a database restart or a proxy that drops idle connections.
         pool_pre_ping=True,
         pool_recycle=1800,
