@@ -234,7 +234,10 @@ class JobService:
         )
         if isinstance(enqueued, BaseException):
             log.error("enqueue_failed", error=str(enqueued))
-            await self._bus.publish_event(JobFailed(job_id=job_id, error="could not be queued"))
+            try:
+                await self._bus.publish_event(JobFailed(job_id=job_id, error="could not be queued"))
+            except Exception as exc:  # still the bus's fault: the client gets the same 503
+                log.error("enqueue_failure_not_recorded", error=str(exc))
             raise ApiError(503, "the message bus is unavailable; the job was not queued") from enqueued
         if isinstance(recorded, BaseException):
             raise recorded
