@@ -9,7 +9,7 @@ import signal
 import socket
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from minio import Minio
@@ -30,6 +30,9 @@ from ingress.config import EnrichConfig, IngressConfig, QuotaLimits, RateLimits
 from schemas import Catalog
 from storage.object_store import ObjectStore, S3Config, s3_client
 from workers.backends.base import Backend
+
+if TYPE_CHECKING:
+    from workers.runtime import WorkerOptions
 
 log = structlog.get_logger(__name__)
 
@@ -161,8 +164,24 @@ def preload_models(catalog: Catalog, settings: WorkerSettings) -> list[str]:
     return [default.id] if default is not None and default.queue == settings.backend else []
 
 
+def worker_options(settings: WorkerSettings) -> WorkerOptions:
+    """The runtime's options from the role's settings."""
+    from workers.runtime import WorkerOptions
+
+    return WorkerOptions(
+        worker_id=settings.worker_id or f"{socket.gethostname()}-{os.getpid()}",
+        image_ttl_s=settings.image_ttl_s,
+        heartbeat_interval_s=max(settings.ack_wait_s / 3, 0.5),
+        heartbeat_event_interval_s=settings.heartbeat_event_interval_s,
+        max_deliveries=settings.max_deliveries,
+        shutdown_grace_s=settings.shutdown_grace_s,
+        queue=settings.pool,
+        batch_linger_s=settings.batch_linger_s,
+    )
+
+
 async def run_worker(settings: WorkerSettings) -> None:
-    from workers.runtime import Worker, WorkerOptions
+    from workers.runtime import Worker
 
     loaded = load_role_catalog(settings)
     catalog = loaded.catalog
@@ -170,21 +189,9 @@ async def run_worker(settings: WorkerSettings) -> None:
     store = ObjectStore(s3_config(settings))
     await store.ensure_bucket()
     bus = await _connect(settings)
-    worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    worker = Worker(
-        bus,
-        store,
-        backend,
-        WorkerOptions(
-            worker_id=worker_id,
-            image_ttl_s=settings.image_ttl_s,
-            heartbeat_interval_s=max(settings.ack_wait_s / 3, 0.5),
-            heartbeat_event_interval_s=settings.heartbeat_event_interval_s,
-            max_deliveries=settings.max_deliveries,
-            shutdown_grace_s=settings.shutdown_grace_s,
-            queue=settings.pool,
-        ),
-    )
+    options = worker_options(settings)
+    worker_id = options.worker_id
+    worker = Worker(bus, store, backend, options)
     try:
         stop = stop_on_signals()
         async with metrics_endpoint(settings.metrics_host, settings.metrics_port):

@@ -146,6 +146,10 @@ class WorkerSettings(_RoleSettings, _BusMixin, _S3Mixin, _CatalogMixin):
     cache_budget_gb: float | None = None
     max_loaded_models: int | None = None
     max_batch_images: int = 4
+    # How long a lone batchable job waits for batch-mates published with it (they arrive one by
+    # one): every job on an idle worker starts this much later, a burst runs in fewer calls.
+    # 0: never wait (lowest latency for tiny or interactive jobs).
+    batch_linger_s: float = Field(0.05, ge=0)
     cpu_offload: bool = False
     # Where LoRAs held in a bucket are cached on local disk.
     lora_cache_dir: Path | None = None

@@ -19,6 +19,8 @@ import pytest
 from PIL import Image
 
 from bus import Bus, BusOptions, connect_bus
+from imagebus.roles import worker_options
+from imagebus.settings import WorkerSettings
 from schemas import (
     CancelJob,
     Event,
@@ -262,3 +264,33 @@ def test_jobs_trickling_in_all_run_under_uvloop(object_store: ObjectStore) -> No
 
     for _ in range(3):
         assert uvloop.run(scenario()) == [1] * 24
+
+
+@pytest.mark.parametrize("linger_s", [0.0, 1.5])
+async def test_the_batch_linger_setting_holds_a_lone_job_back_that_long(
+    linger_s: float, object_store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IMAGEBUS_WORKER_BATCH_LINGER_S, through the role's settings: a job on an idle worker waits
+    that long for batch-mates (the default trades latency for fuller batches); 0 starts it at once."""
+    monkeypatch.setenv("IMAGEBUS_WORKER_BATCH_LINGER_S", str(linger_s))
+    options = worker_options(WorkerSettings(worker_id="w"))
+    assert options.batch_linger_s == linger_s
+    bus = await connect_bus(f"memory://{uuid.uuid4().hex}", BusOptions(namespace=f"b{uuid.uuid4().hex[:10]}"))
+    backend = BatchingBackend(max_batch_images=4)
+    try:
+        await bus.publish_command(_command())
+        began = time.monotonic()
+        # Not in burst mode: an idle timeout would end the linger too (the worker is leaving).
+        stop = asyncio.Event()
+        run = asyncio.create_task(Worker(bus, object_store, backend, options).run(stop=stop))
+        assert await asyncio.to_thread(backend.started.wait, 10)
+        waited = time.monotonic() - began
+        stop.set()
+        await run
+    finally:
+        await bus.close()
+    # Wide margins either way: the machine may be busy, the linger is never cut short.
+    if linger_s:
+        assert waited >= linger_s, waited
+    else:
+        assert waited < 1.0, waited
