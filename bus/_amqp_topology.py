@@ -21,6 +21,12 @@ async def declare_topology(channel: AbstractChannel, names: AmqpNames, options: 
     await events_log.bind(names.events_exchange, routing_key=names.evt_binding(None))
 
 
+async def declare_live_exchange(channel: AbstractChannel, names: AmqpNames) -> None:
+    """Live-only events: not durable (gone with a broker restart, and re-declared by whoever uses
+    it), never auto-deleted (a publisher must find it while no one watches), bound to watchers only."""
+    await channel.declare_exchange(names.live_exchange, aio_pika.ExchangeType.TOPIC, durable=False)
+
+
 async def declare_command_queue(
     channel: AbstractChannel, names: AmqpNames, options: BusOptions, backend: str
 ) -> AbstractQueue:

@@ -151,6 +151,10 @@ class Broker:
         self.log.append(event)
         self.log_headers.append(trace_headers)
         self.log_wakeup.notify_all()
+        self.broadcast_event(event)
+
+    def broadcast_event(self, event: Event) -> None:
+        """To the watchers only (a live-only event, or a logged one's live copy)."""
         for watcher in self.event_watchers:
             if watcher.job_id in (None, event.job_id):
                 watcher.inbox.put_nowait(event)

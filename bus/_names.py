@@ -67,6 +67,14 @@ class NatsNames:
     def evt_watch(self, job_id: str | None) -> str:
         return self.evt_subjects if job_id is None else f"{self.namespace}.evt.*.{job_id}"
 
+    # Live-only events: core NATS subjects outside every stream's subjects, so nothing stores them.
+
+    def live_subject(self, event_type: str, job_id: str) -> str:
+        return f"{self.namespace}.live.{event_type}.{job_id}"
+
+    def live_watch(self, job_id: str | None) -> str:
+        return f"{self.namespace}.live.>" if job_id is None else f"{self.namespace}.live.*.{job_id}"
+
     def ctl_subject(self, backend: str) -> str:
         return f"{self.namespace}.ctl.cancel.{backend}"
 
@@ -96,6 +104,12 @@ class AmqpNames:
     @property
     def events_log(self) -> str:
         return f"{self.namespace}.events.log"
+
+    @property
+    def live_exchange(self) -> str:
+        """Live-only events: a non-durable topic exchange with the events' routing keys, bound to
+        watchers' queues only (never to the log)."""
+        return f"{self.namespace}.live"
 
     @property
     def control_exchange(self) -> str:

@@ -2,8 +2,10 @@
 
 Commands: a direct exchange routing to one quorum queue per backend, whose delivery limit and
 dead-letter exchange bound the retries. Events: a topic exchange feeding a RabbitMQ stream (the
-durable log, read from any offset) and, for live watchers, server-named exclusive queues. Control:
-a topic exchange with one exclusive queue per watcher. Every name is prefixed by the namespace.
+durable log, read from any offset) and, for live watchers, server-named exclusive queues. Live-only
+events (per-step progress): a non-durable topic exchange bound to the watchers' queues only,
+transient messages on a channel without confirms. Control: a topic exchange with one exclusive
+queue per watcher. Every name is prefixed by the namespace.
 
 What RabbitMQ does differently from JetStream (callers need not care, but operators should know):
 - no publish de-duplication: a retried publish is enqueued twice (the consumers are idempotent);
@@ -36,7 +38,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import AMQPConnectionError, AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity
 
-from bus._amqp_topology import declare_command_queue, declare_events_log, declare_topology
+from bus._amqp_topology import declare_command_queue, declare_events_log, declare_live_exchange, declare_topology
 from bus._decoding import decoded_or_none
 from bus._delivery import SettleOnce
 from bus._names import AmqpNames, checked_token
@@ -132,10 +134,17 @@ class _AmqpDelivery(SettleOnce):
 class AmqpBus:
     """The Bus protocol on RabbitMQ; build it with ``await AmqpBus.connect(url, options)``."""
 
-    def __init__(self, connection: AbstractRobustConnection, channel: AbstractChannel, options: BusOptions) -> None:
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        channel: AbstractChannel,
+        live_channel: AbstractChannel,
+        options: BusOptions,
+    ) -> None:
         self.options = options
         self._connection = connection
         self._channel = channel  # publishing (with confirms) and declaring
+        self._live_channel = live_channel  # live-only events: no confirms to wait for
         self._names = AmqpNames(options.namespace)
         self._command_queues: set[str] = set()
 
@@ -152,6 +161,9 @@ class AmqpBus:
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await declare_topology(channel, names, options)
+            # Declared through the channel that publishes to it, so its reconnect re-declares it.
+            live_channel = await connection.channel(publisher_confirms=False)
+            await declare_live_exchange(live_channel, names)
         except ChannelNotFoundEntity as err:
             # A node still starting answers the declare of a durable queue it has not recovered
             # yet with NOT_FOUND ("home node ... is down or inaccessible"): not ready, try again.
@@ -160,7 +172,7 @@ class AmqpBus:
         except BaseException:
             await connection.close()
             raise
-        return cls(connection, channel, options)
+        return cls(connection, channel, live_channel, options)
 
     async def close(self) -> None:
         await self._connection.close()
@@ -177,7 +189,18 @@ class AmqpBus:
 
     async def publish_event(self, event: Event) -> None:
         key = self._names.evt_key(event.type, checked_token(event.job_id, "job_id"))
+        if event.live_only:
+            await self._publish_live(event, key)
+            return
         await self._publish(self._names.events_exchange, _message(event, persistent=True), key)
+
+    async def _publish_live(self, event: Event, routing_key: str) -> None:
+        # No confirm, no retry through a reconnect: a step that cannot be sent now is of no use
+        # later. Not mandatory: with no one watching there is no one to tell.
+        if self._connection.is_closed or not self._connection.connected.is_set():
+            return
+        exchange = await self._live_channel.get_exchange(self._names.live_exchange, ensure=False)
+        await exchange.publish(_message(event, persistent=False), routing_key=routing_key, mandatory=False)
 
     async def publish_control(self, control: CancelJob) -> None:
         key = self._names.ctl_key(checked_token(control.backend, "backend"))
@@ -338,16 +361,19 @@ class AmqpBus:
 
     def watch_events(self, job_id: str | None = None) -> AbstractAsyncContextManager[AsyncIterator[Event]]:
         key = self._names.evt_binding(None if job_id is None else checked_token(job_id, "job_id"))
-        return self._watch(self._names.events_exchange, key, decode_event)
+        # One queue bound to both: the durable events' live copies and the live-only events.
+        return self._watch(((self._names.events_exchange, key), (self._names.live_exchange, key)), decode_event)
 
     def watch_control(self, backend: str) -> AbstractAsyncContextManager[AsyncIterator[CancelJob]]:
         key = self._names.ctl_key(checked_token(backend, "backend"))
-        return self._watch(self._names.control_exchange, key, decode_control)
+        return self._watch(((self._names.control_exchange, key),), decode_control)
 
     @asynccontextmanager
-    async def _watch(self, exchange: str, key: str, decode: Callable[[bytes], _T]) -> AsyncIterator[AsyncIterator[_T]]:
+    async def _watch(
+        self, bindings: tuple[tuple[str, str], ...], decode: Callable[[bytes], _T]
+    ) -> AsyncIterator[AsyncIterator[_T]]:
         """Live messages through a temporary queue, decoded; unreadable ones are logged and skipped."""
-        async with self._live_queue(exchange, key) as inbox:
+        async with self._live_queue(bindings) as inbox:
 
             async def decoded() -> AsyncGenerator[_T, None]:
                 while True:
@@ -360,15 +386,20 @@ class AmqpBus:
 
     @asynccontextmanager
     async def _live_queue(
-        self, exchange: str, routing_key: str
+        self, bindings: tuple[tuple[str, str], ...]
     ) -> AsyncIterator[asyncio.Queue[AbstractIncomingMessage]]:
-        """A server-named queue bound to ``exchange`` for as long as the context lasts."""
+        """A server-named queue bound to each (exchange, routing key) for as long as the context lasts."""
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
 
         async def set_up(channel: AbstractChannel) -> None:
+            if any(exchange == self._names.live_exchange for exchange, _ in bindings):
+                # Not durable: after a broker restart this channel may come back before any
+                # publisher's, and binding to a missing exchange would close it.
+                await declare_live_exchange(channel, self._names)
             # Exclusive + auto-delete: gone when we cancel, or when our connection dies.
             queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-            await queue.bind(exchange, routing_key=routing_key)
+            for exchange, routing_key in bindings:
+                await queue.bind(exchange, routing_key=routing_key)
             await queue.consume(inbox.put, no_ack=True)
 
         channel, _ = await self._consumer_channel(set_up)

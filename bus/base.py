@@ -86,7 +86,13 @@ class Bus(Protocol):
         """Durably enqueue on ``command.queue`` (pool, else backend); de-duplicated on ``command.message_id``."""
 
     async def publish_event(self, event: Event) -> None:
-        """Durably append to the event log (confirmed before returning)."""
+        """Durably append to the event log (confirmed before returning).
+
+        A live-only event (``event.live_only``: per-step progress) goes to the live channel
+        instead: to whoever watches now, best effort and unconfirmed, never into the log. Dropped
+        while the broker is away, and it may reach a watcher before or after a durable event
+        published just before or after it.
+        """
 
     async def publish_control(self, control: CancelJob) -> None:
         """Broadcast to the live workers of ``control.backend``; not stored."""
@@ -106,11 +112,15 @@ class Bus(Protocol):
     def read_events(
         self, *, after: int | None = None, idle_timeout_s: float | None = None
     ) -> AbstractAsyncContextManager[AsyncIterator[LoggedEvent]]:
-        """The durable event log in order, from just after position ``after`` (None: the start)."""
+        """The durable event log in order, from just after position ``after`` (None: the start).
+
+        Live-only events are not in it (logs written before they were live-only may hold some).
+        """
         ...
 
     def watch_events(self, job_id: str | None = None) -> AbstractAsyncContextManager[AsyncIterator[Event]]:
-        """Live events from now on (all jobs, or one). Subscribed when the context is entered."""
+        """Events from now on (all jobs, or one), durable and live-only ones alike. Subscribed
+        when the context is entered."""
         ...
 
     def watch_control(self, backend: str) -> AbstractAsyncContextManager[AsyncIterator[CancelJob]]:

@@ -1,9 +1,10 @@
 """In-process bus with the brokers' semantics, for tests and single-process runs.
 
 Work-queue commands with attempts, nak delays, ack-wait redelivery, a delivery limit and a dead
-list; de-duplication on message ids; an event log with positions from 1; live watchers and
-control broadcast. Two ``MemoryBus.named`` calls with the same URL and namespace share state, like
-two connections to one broker; a fresh ``memory://<unique>`` URL gives a fresh one.
+list; de-duplication on message ids; an event log with positions from 1; live watchers (who also
+get the live-only events the log never holds) and control broadcast. Two ``MemoryBus.named`` calls
+with the same URL and namespace share state, like two connections to one broker; a fresh
+``memory://<unique>`` URL gives a fresh one.
 """
 
 from __future__ import annotations
@@ -88,7 +89,10 @@ class MemoryBus:
         self._broker.queue(checked_token(command.queue, "queue")).put(command, trace_headers())
 
     async def publish_event(self, event: Event) -> None:
-        self._broker.append_event(event, trace_headers())
+        if event.live_only:
+            self._broker.broadcast_event(event)
+        else:
+            self._broker.append_event(event, trace_headers())
 
     async def publish_control(self, control: CancelJob) -> None:
         self._broker.broadcast_control(control)

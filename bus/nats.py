@@ -2,7 +2,9 @@
 
 Commands live on a work-queue stream read through one durable pull consumer per backend, events
 on a limits stream (the durable log), and live events and cancels ride core NATS subjects, which
-also see every JetStream publish. Every stream, subject and consumer is prefixed by the namespace.
+also see every JetStream publish. Live-only events (per-step progress) are core NATS publishes on
+``<ns>.live.<type>.<job>``, outside every stream's subjects: never stored, never acked. Every
+stream, subject and consumer is prefixed by the namespace.
 """
 
 from __future__ import annotations
@@ -195,7 +197,15 @@ class NatsBus:
         await publish_durably(self._nc, self._js, subject, encode(command), self._names.cmd_stream, command.message_id)
 
     async def publish_event(self, event: Event) -> None:
-        subject = self._names.evt_subject(event.type, checked_token(event.job_id, "job_id"))
+        job_id = checked_token(event.job_id, "job_id")
+        if event.live_only:
+            # Live data: nobody wants a step late, so none is buffered for after a reconnect.
+            if self._nc.is_connected:
+                await self._nc.publish(
+                    self._names.live_subject(event.type, job_id), encode(event), headers=trace_headers() or None
+                )
+            return
+        subject = self._names.evt_subject(event.type, job_id)
         await publish_durably(self._nc, self._js, subject, encode(event), self._names.evt_stream, event.message_id)
 
     async def publish_control(self, control: CancelJob) -> None:
@@ -292,16 +302,18 @@ class NatsBus:
             await reader.close()
 
     def watch_events(self, job_id: str | None = None) -> AbstractAsyncContextManager[AsyncIterator[Event]]:
-        subject = self._names.evt_watch(None if job_id is None else checked_token(job_id, "job_id"))
-        return self._watch(subject, decode_event)
+        job_id = None if job_id is None else checked_token(job_id, "job_id")
+        return self._watch((self._names.evt_watch(job_id), self._names.live_watch(job_id)), decode_event)
 
     def watch_control(self, backend: str) -> AbstractAsyncContextManager[AsyncIterator[CancelJob]]:
-        return self._watch(self._names.ctl_subject(checked_token(backend, "backend")), decode_control)
+        return self._watch((self._names.ctl_subject(checked_token(backend, "backend")),), decode_control)
 
     @asynccontextmanager
-    async def _watch(self, subject: str, decode: Callable[[bytes], _T]) -> AsyncIterator[AsyncIterator[_T]]:
-        """Live messages on a core subject, decoded; unreadable ones are logged and skipped."""
-        async with self._core_subscription(subject) as messages:
+    async def _watch(
+        self, subjects: tuple[str, ...], decode: Callable[[bytes], _T]
+    ) -> AsyncIterator[AsyncIterator[_T]]:
+        """Live messages on core subjects, decoded; unreadable ones are logged and skipped."""
+        async with self._core_subscription(subjects) as messages:
 
             async def decoded() -> AsyncGenerator[_T, None]:
                 async for msg in messages:
@@ -312,15 +324,29 @@ class NatsBus:
                 yield iterator
 
     @asynccontextmanager
-    async def _core_subscription(self, subject: str) -> AsyncIterator[AsyncIterator[Msg]]:
-        sub = await self._nc.subscribe(subject)
+    async def _core_subscription(self, subjects: tuple[str, ...]) -> AsyncIterator[AsyncIterator[Msg]]:
+        """One stream of the messages of several subscriptions, in the order they are handed over."""
+        inbox: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def receive(msg: Msg) -> None:
+            inbox.put_nowait(msg)
+
+        async def messages() -> AsyncGenerator[Msg, None]:
+            while True:
+                yield await inbox.get()
+
+        subs = []
         try:
+            for subject in subjects:
+                subs.append(await self._nc.subscribe(subject, cb=receive))
             # Round trip so the server has registered the interest before the caller publishes.
             await self._nc.flush()
-            yield sub.messages
+            async with aclosing(messages()) as iterator:
+                yield iterator
         finally:
-            with suppress(Exception):
-                await sub.unsubscribe()
+            for sub in subs:
+                with suppress(Exception):
+                    await sub.unsubscribe()
 
 
 # --- helpers ------------------------------------------------------------------------------------

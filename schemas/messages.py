@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -51,6 +51,11 @@ class Message(BaseModel):
     message_id: str = Field(default_factory=new_id)
     job_id: str
     occurred_at: datetime = Field(default_factory=utcnow)
+
+    # Live-only events ride the bus's non-durable channel: watchers see them as they happen, the
+    # event log never holds them, so neither a replay nor a rebuild sees them. Per-step progress
+    # is live data, not history (a 50-step job would be 50 stored events, previews included).
+    live_only: ClassVar[bool] = False
 
 
 class LoraRequest(BaseModel):
@@ -148,6 +153,10 @@ class JobRequeued(Message):
 
 
 class JobProgress(Message):
+    """A step of a running job, with now and then a preview. Live only: never in the event log."""
+
+    live_only: ClassVar[bool] = True
+
     type: Literal["JobProgress"] = "JobProgress"
     step: int
     total_steps: int

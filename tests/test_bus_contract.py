@@ -16,7 +16,16 @@ import pytest
 
 from bus import Bus, BusOptions, CommandDelivery, LoggedEvent, connect_bus
 from bus.tracing import attached, trace_context, trace_id_of
-from schemas import CancelJob, GenerateImage, GenerationParams, JobProgress, JobQueued, JobStarted, new_id
+from schemas import (
+    CancelJob,
+    GenerateImage,
+    GenerationParams,
+    JobHeartbeat,
+    JobProgress,
+    JobQueued,
+    JobStarted,
+    new_id,
+)
 from tests.fixtures.brokers import ConnectBus
 
 T = TypeVar("T")
@@ -45,7 +54,13 @@ def command(backend: str = BACKEND, job_id: str | None = None) -> GenerateImage:
 
 
 def progress(job_id: str, step: int) -> JobProgress:
+    """A live-only event: watchers see it, the log never holds it."""
     return JobProgress(job_id=job_id, step=step, total_steps=100)
+
+
+def heartbeat(job_id: str, number: int) -> JobHeartbeat:
+    """A durable event, numbered so a test can tell them apart."""
+    return JobHeartbeat(job_id=job_id, worker_id="w1", attempt=number)
 
 
 async def take(iterator: AsyncIterator[T], count: int) -> list[T]:
@@ -109,8 +124,8 @@ async def test_commands_and_events_carry_the_publishers_trace_context(bus: Bus) 
         sent = command()
         with attached(parent):
             await bus.publish_command(sent)
-            await bus.publish_event(progress(sent.job_id, 1))
-        await bus.publish_event(progress(sent.job_id, 2))  # outside any trace
+            await bus.publish_event(heartbeat(sent.job_id, 1))
+        await bus.publish_event(heartbeat(sent.job_id, 2))  # outside any trace
 
         taken = await consume_all(bus)
         logged = [entry for entry in await read_all(bus, at_least=2) if entry.event.job_id == sent.job_id]
@@ -330,7 +345,7 @@ async def test_idle_consumer_ends(bus: Bus) -> None:
 async def test_event_log_keeps_order_with_increasing_positions(bus: Bus) -> None:
     async with asyncio.timeout(TEST_TIMEOUT_S):
         jobs = [new_id() for _ in range(3)]
-        sent = [progress(jobs[i % 3], step=i) for i in range(150)]
+        sent = [heartbeat(jobs[i % 3], i) for i in range(150)]
         for event in sent:
             await bus.publish_event(event)
 
@@ -345,8 +360,8 @@ async def test_event_log_keeps_order_with_increasing_positions(bus: Bus) -> None
 async def test_reading_resumes_right_after_a_position(bus: Bus) -> None:
     async with asyncio.timeout(TEST_TIMEOUT_S):
         job_id = new_id()
-        for step in range(10):
-            await bus.publish_event(progress(job_id, step))
+        for number in range(10):
+            await bus.publish_event(heartbeat(job_id, number))
         logged = await read_all(bus, at_least=10)
 
         resumed = await read_all(bus, after=logged[3].position, at_least=6)
@@ -365,20 +380,20 @@ async def test_reading_an_empty_log_ends_after_the_idle_timeout(bus: Bus) -> Non
 async def test_reader_follows_events_published_while_it_waits(bus: Bus) -> None:
     async with asyncio.timeout(TEST_TIMEOUT_S):
         job_id = new_id()
-        await bus.publish_event(progress(job_id, 0))
+        await bus.publish_event(heartbeat(job_id, 0))
         async with bus.read_events() as events:
             first = await anext(events)
 
             async def publish_later() -> None:
                 await asyncio.sleep(0.2)
-                for step in (1, 2):
-                    await bus.publish_event(progress(job_id, step))
+                for number in (1, 2):
+                    await bus.publish_event(heartbeat(job_id, number))
 
             publishing = asyncio.create_task(publish_later())
             later = await take(events, 2)
             await publishing
 
-        assert [e.event.step for e in [first, *later] if isinstance(e.event, JobProgress)] == [0, 1, 2]
+        assert [e.event.attempt for e in [first, *later] if isinstance(e.event, JobHeartbeat)] == [0, 1, 2]
         assert first.position < later[0].position < later[1].position
 
 
@@ -400,16 +415,42 @@ async def test_republished_event_is_logged_once(bus: Bus, bus_kind: str) -> None
 async def test_watching_one_job_sees_only_its_live_events(bus: Bus) -> None:
     async with asyncio.timeout(TEST_TIMEOUT_S):
         mine, theirs = new_id(), new_id()
-        await bus.publish_event(progress(mine, 0))  # before watching: not seen
+        await bus.publish_event(heartbeat(mine, 0))  # before watching: not seen
 
         async with bus.watch_events(mine) as watched, bus.watch_events() as everything:
-            sent = [progress(mine, 1), progress(theirs, 1), progress(mine, 2)]
+            sent = [heartbeat(mine, 1), heartbeat(theirs, 1), heartbeat(mine, 2)]
             for event in sent:
                 await bus.publish_event(event)
 
             assert await take(watched, 2) == [sent[0], sent[2]]
             assert await nothing_more(watched)
             assert await take(everything, 3) == sent
+
+
+async def test_live_only_events_reach_watchers_and_never_the_log(bus: Bus) -> None:
+    # Per-step progress is live data: delivered to whoever watches now, never stored or replayed.
+    async with asyncio.timeout(TEST_TIMEOUT_S):
+        mine, theirs = new_id(), new_id()
+        await bus.publish_event(progress(mine, 0))  # before watching: no one sees it, nothing keeps it
+
+        async with bus.watch_events(mine) as watched, bus.watch_events() as everything:
+            steps = [progress(mine, 1), progress(theirs, 1), progress(mine, 2)]
+            for event in steps:
+                await bus.publish_event(event)
+            assert await take(watched, 2) == [steps[0], steps[2]]
+            assert await take(everything, 3) == steps
+
+            # Beside durable events, on their own channel: both reach the watcher, in some order.
+            started = JobStarted(job_id=mine, worker_id="w1", attempt=1)
+            step = progress(mine, 3)
+            await bus.publish_event(started)
+            await bus.publish_event(step)
+            both = await take(watched, 2)
+            assert sorted(both, key=lambda e: e.type) == [step, started]
+            assert await nothing_more(watched)
+
+        logged = [entry.event for entry in await read_all(bus, at_least=1)]
+        assert logged == [started]
 
 
 async def test_every_event_type_reaches_watchers(bus: Bus) -> None:
