@@ -31,7 +31,7 @@ from storage.object_store import s3_client
 def create_app(config: IngressConfig) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with open_services(config) as services:
+        async with open_services(config) as services, services.live.running():
             app.state.services = services
             stop = asyncio.Event()
             sampler = asyncio.create_task(

@@ -16,6 +16,7 @@ from bus import Bus
 from ingress.config import QuotaLimits
 from ingress.errors import ApiError
 from ingress.links import LinkSigner
+from ingress.live import LiveProgress
 from projector.queries import day_start
 from projector.readside import ImageRecord, JobRecord, ReadModel
 from schemas import (
@@ -179,6 +180,7 @@ class JobService:
         catalog: Catalog,
         signer: LinkSigner,
         quota: QuotaLimits,
+        progress: LiveProgress | None = None,
     ) -> None:
         self._bus = bus
         self._read_model = read_model
@@ -186,6 +188,8 @@ class JobService:
         self._catalog = catalog
         self._quota = quota
         self.signer = signer
+        # Live steps of running jobs (never in the read model), laid over what it says.
+        self.progress = LiveProgress() if progress is None else progress
         # Per queue: when the broker was last asked for its depth, and the depth since counted up.
         self._queue_depths: dict[str, tuple[float, int]] = {}
 
@@ -297,12 +301,12 @@ class JobService:
             )
 
     async def job(self, job_id: str, owner: str | None) -> JobRecord:
-        """The owner's job (``owner=None``: anyone's, for admins); 404 for any other."""
+        """The owner's job (``owner=None``: anyone's, for admins), with its live step; 404 for any other."""
         job_id = normalized_id(job_id)
         record = await self._read_model.get_job(job_id, owner) if valid_id(job_id) else None
         if record is None:
             raise ApiError(404, f"job {job_id} not found")
-        return record
+        return self.progress.overlay(record)
 
     async def cancel(self, job_id: str, owner: str) -> CancelResult:
         """Ask the job's workers to stop it; a pending job is dropped by whichever worker takes it.

@@ -13,6 +13,7 @@ from ingress.images import ImageService
 from ingress.jobs import JobService
 from ingress.keys import KeyStore
 from ingress.links import LinkSigner
+from ingress.live import LiveEvents, LiveProgress
 from projector.database import Database, create_database, create_schema
 from projector.readside import ReadModel
 from storage.object_store import ObjectStore
@@ -28,6 +29,8 @@ class Services:
     keys: KeyStore
     jobs: JobService
     images: ImageService
+    # The process's one bus subscription for event streams and live steps; the app runs it.
+    live: LiveEvents
 
 
 def open_database(config: IngressConfig) -> Database:
@@ -55,7 +58,8 @@ async def open_services(config: IngressConfig) -> AsyncIterator[Services]:
     store = ObjectStore(config.s3)
     try:
         read_model = ReadModel(database)
-        jobs = JobService(bus, read_model, store, config.catalog, LinkSigner(config.key_secret), config.quota)
+        progress = LiveProgress()
+        jobs = JobService(bus, read_model, store, config.catalog, LinkSigner(config.key_secret), config.quota, progress)
         yield Services(
             config=config,
             bus=bus,
@@ -65,6 +69,7 @@ async def open_services(config: IngressConfig) -> AsyncIterator[Services]:
             keys=keys,
             jobs=jobs,
             images=ImageService(bus, read_model, store, jobs),
+            live=LiveEvents(bus, read_model, progress),
         )
     finally:
         await bus.close()

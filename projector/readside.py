@@ -94,6 +94,11 @@ class ReadModel:
         """How many jobs of the same backend wait ahead of ``job`` (0: next to be taken)."""
         return await self._database.read(lambda conn: _count_ahead(conn, job))
 
+    async def stream_states(self, job_ids: Sequence[str]) -> dict[str, tuple[JobStatus, int | None]]:
+        """Each existing job's status and, while pending, its ``queue_position``: one query for
+        all the jobs an ingress process streams."""
+        return await self._database.read(lambda conn: _select_stream_states(conn, job_ids))
+
     async def gallery(
         self, owner: str, now: datetime, *, search: str | None, model: str | None, offset: int, limit: int
     ) -> tuple[list[GalleryRecord], int]:
@@ -187,6 +192,29 @@ def _count_ahead(conn: Connection, job: JobRecord) -> int:
         )
     )
     return int(conn.execute(ahead).scalar_one())
+
+
+# Every pending job numbered within its backend, oldest first (the order _count_ahead counts in).
+_PENDING_RANKS = (
+    select(
+        jobs.c.id,
+        (func.row_number().over(partition_by=jobs.c.backend, order_by=(jobs.c.created_at, jobs.c.id)) - 1).label(
+            "position"
+        ),
+    )
+    .where(jobs.c.status == JobStatus.PENDING.value)
+    .subquery()
+)
+_STREAM_STATES = (
+    select(jobs.c.id, jobs.c.status, _PENDING_RANKS.c.position)
+    .select_from(jobs.outerjoin(_PENDING_RANKS, _PENDING_RANKS.c.id == jobs.c.id))
+    .where(jobs.c.id.in_(bindparam("ids", expanding=True)))
+)
+
+
+def _select_stream_states(conn: Connection, job_ids: Sequence[str]) -> dict[str, tuple[JobStatus, int | None]]:
+    rows = conn.execute(_STREAM_STATES, {"ids": list(job_ids)}) if job_ids else ()
+    return {row.id: (JobStatus(row.status), row.position) for row in rows}
 
 
 def _select_image(conn: Connection, image_id: str, owner: str | None) -> ImageRecord | None:

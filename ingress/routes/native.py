@@ -117,7 +117,8 @@ async def list_jobs(
     owner = of_owner or principal.owner
     check_page(page, limit)
     records, total = await services.read_model.list_jobs(owner, status=status, offset=(page - 1) * limit, limit=limit)
-    return JobList(jobs=[services.jobs.job_view(r) for r in records], page=page, limit=limit, total=total)
+    views = [services.jobs.job_view(services.jobs.progress.overlay(record)) for record in records]
+    return JobList(jobs=views, page=page, limit=limit, total=total)
 
 
 @get("/models", summary="The model catalog", responses=error_responses())

@@ -1,14 +1,15 @@
 """Server-Sent Events for one job: queue position, steps with previews, then one terminal event.
 
-The stream listens on the bus, not on anything in this process, so any ingress replica serves
-any job. Every (re)connection starts with the job's current state from the read model, so a
+A stream listens on the bus, not on anything another request did in this process, so any ingress
+replica serves any job; its events come through the process's one subscription
+(``ingress/live.py``), and its queue position and an end the bus did not show from the process's
+one timer. Every (re)connection starts with the job's current state from the read model, so a
 client reconnecting with Last-Event-ID misses nothing terminal.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,15 +20,14 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from ingress.auth import require_owner
 from ingress.hardening import HOLDS_STREAM
+from ingress.live import JobState, StreamItem
 from ingress.openapi_responses import error_responses, event_stream_response
 from ingress.services import Services
 from projector.apply import stored_row
 from projector.queries import GalleryRecord
 from projector.readside import JobRecord
 from schemas import (
-    Event,
     GenerationParams,
-    ImageStored,
     JobCanceled,
     JobFailed,
     JobProgress,
@@ -48,8 +48,6 @@ class Comment(ServerSentEventMessage):
         return f": {self.comment}\r\n\r\n".encode()
 
 
-# How often a quiet stream re-reads the job (queue position, and an end the bus did not show).
-REFRESH_S = 1.0
 # How long to wait for the read model to show a terminal event the bus already announced.
 TERMINAL_VISIBLE_TIMEOUT_S = 10.0
 
@@ -67,33 +65,24 @@ async def gallery_events(request: Request[Any, Any, Any]) -> ServerSentEvent:
 
 
 async def _gallery_stream(services: Services, owner: str) -> AsyncIterator[ServerSentEventMessage]:
-    async with services.bus.watch_events() as live:
-        inbox: asyncio.Queue[Event] = asyncio.Queue()
-        reader = asyncio.create_task(_forward(live, inbox))
+    with services.live.watch_images() as inbox:
         # job id -> its params when the job is the caller's, None when it is someone else's.
         jobs: dict[str, GenerationParams | None] = {}
-        try:
-            yield Comment(comment="connected")
-            while True:
-                try:
-                    event = await asyncio.wait_for(inbox.get(), KEEP_ALIVE_S)
-                except TimeoutError:
-                    yield Comment(comment="keep-alive")
-                    continue
-                if not isinstance(event, ImageStored):
-                    continue
-                if event.job_id not in jobs:
-                    record = await services.read_model.get_job(event.job_id, owner)
-                    jobs[event.job_id] = None if record is None else record.params
-                params = jobs[event.job_id]
-                if params is None:
-                    continue
-                item = services.images.gallery_image(GalleryRecord(stored_row(event, owner), params))
-                yield _message(item.model_dump(mode="json"), event.message_id)
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+        yield Comment(comment="connected")
+        while True:
+            try:
+                event = await asyncio.wait_for(inbox.get(), KEEP_ALIVE_S)
+            except TimeoutError:
+                yield Comment(comment="keep-alive")
+                continue
+            if event.job_id not in jobs:
+                record = await services.read_model.get_job(event.job_id, owner)
+                jobs[event.job_id] = None if record is None else record.params
+            params = jobs[event.job_id]
+            if params is None:
+                continue
+            item = services.images.gallery_image(GalleryRecord(stored_row(event, owner), params))
+            yield _message(item.model_dump(mode="json"), event.message_id)
 
 
 @get(
@@ -110,80 +99,68 @@ async def job_events(request: Request[Any, Any, Any], job_id: FromPath[str]) -> 
 
 
 async def _job_stream(services: Services, job_id: str, owner: str) -> AsyncIterator[ServerSentEventMessage]:
-    async with services.bus.watch_events(job_id) as live:
-        inbox: asyncio.Queue[Event] = asyncio.Queue()
-        # A reader task: the bus iterator must not be cancelled mid-wait, a queue get may.
-        reader = asyncio.create_task(_forward(live, inbox))
-        try:
-            async for message in _messages(services, job_id, owner, inbox):
-                yield message
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-
-
-async def _forward(live: AsyncIterator[Event], inbox: asyncio.Queue[Event]) -> None:
-    async for event in live:
-        inbox.put_nowait(event)
+    with services.live.watch_job(job_id) as inbox:
+        async for message in _messages(services, job_id, owner, inbox):
+            yield message
 
 
 async def _messages(
-    services: Services, job_id: str, owner: str, inbox: asyncio.Queue[Event]
+    services: Services, job_id: str, owner: str, inbox: asyncio.Queue[StreamItem]
 ) -> AsyncIterator[ServerSentEventMessage]:
-    # Subscribed first, then the snapshot: nothing published in between is lost.
+    # Registered first, then the snapshot: nothing published in between is lost.
     job = await services.jobs.job(job_id, owner)
     if job.status.is_terminal():
         yield _terminal(services, job)
         return
     position: int | None = None
+    # The attempt whose steps are showing: live steps ride another channel than JobStarted and may
+    # overtake it, and a late JobStarted must not take the steps back to 0.
+    attempt_shown = 0
     if job.status is JobStatus.PENDING:
         position = await services.read_model.queue_position(job)
         yield _message({"status": "pending", "position": position}, f"{job_id}-queued")
     else:
+        attempt_shown = job.attempt
         yield _message({"status": "processing", "step": job.step, "total_steps": job.total_steps}, None)
-    idle_s = 0.0
     while True:
         try:
-            event = await asyncio.wait_for(inbox.get(), REFRESH_S)
+            item = await asyncio.wait_for(inbox.get(), KEEP_ALIVE_S)
         except TimeoutError:
-            # An event published between the subscription and the snapshot reached neither, so
-            # the read model is asked again: it catches a job that ended in that gap.
-            job = await services.jobs.job(job_id, owner)
-            if job.status.is_terminal():
-                yield _terminal(services, job)
-                return
-            if job.status is JobStatus.PENDING:
-                now = await services.read_model.queue_position(job)
-                if now != position:
-                    position = now
-                    yield _message({"status": "pending", "position": position}, None)
-            idle_s += REFRESH_S
-            if idle_s >= KEEP_ALIVE_S:
-                idle_s = 0.0
-                yield Comment(comment="keep-alive")
+            yield Comment(comment="keep-alive")
             continue
-        idle_s = 0.0
-        match event:
+        match item:
+            case JobState(status=status) if status.is_terminal():
+                # An end the bus did not show this stream (it ended before the stream registered,
+                # or while the subscription was lost): the read model has it.
+                job = await services.jobs.job(job_id, owner)
+                if job.status.is_terminal():
+                    yield _terminal(services, job)
+                    return
+            case JobState(status=JobStatus.PENDING, position=now) if now != position:
+                position = now
+                yield _message({"status": "pending", "position": position}, None)
             case JobRequeued():
                 job = await services.jobs.job(job_id, owner)
                 position = await services.read_model.queue_position(job)
-                yield _message({"status": "pending", "position": position}, event.message_id)
-            case JobStarted():
+                attempt_shown = 0
+                yield _message({"status": "pending", "position": position}, item.message_id)
+            case JobStarted() if item.attempt > attempt_shown:
                 position = None
-                yield _message({"status": "processing", "step": 0, "total_steps": job.total_steps}, event.message_id)
+                attempt_shown = item.attempt
+                yield _message({"status": "processing", "step": 0, "total_steps": job.total_steps}, item.message_id)
             case JobProgress():
                 position = None
-                data = {"status": "processing", "step": event.step, "total_steps": event.total_steps}
-                if event.preview:
-                    data["preview"] = event.preview
-                yield _message(data, event.message_id)
+                attempt_shown = max(attempt_shown, item.attempt)
+                data = {"status": "processing", "step": item.step, "total_steps": item.total_steps}
+                if item.preview:
+                    data["preview"] = item.preview
+                yield _message(data, item.message_id)
             case JobSucceeded() | JobFailed() | JobCanceled():
                 job = await _terminal_record(services, job_id, owner)
                 if job.status.is_terminal():
                     yield _terminal(services, job)
                     return
-                # The read model lags far behind the bus: the refresh above ends the stream later.
+                # The read model lags far behind the bus: the timer's JobState ends the stream later.
 
 
 async def _terminal_record(services: Services, job_id: str, owner: str) -> JobRecord:
