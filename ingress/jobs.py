@@ -283,7 +283,7 @@ class JobService:
 
     async def _check_quota(self, owner: str, num_images: int, quota: QuotaLimits) -> None:
         now = datetime.now(UTC)
-        usage = await self._read_model.usage(owner, day_start(now))
+        usage = await self._read_model.usage(owner, now.date())
         if usage.active_jobs >= quota.active_jobs:
             raise ApiError(
                 429,

@@ -7,13 +7,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ingress.config import QuotaLimits
-from projector.queries import UpstreamQuota, Usage, day_start
+from projector.queries import UpstreamQuota, Usage
 from projector.readside import ReadModel
 from schemas.api import Quota, UpstreamQuotaView
 
 
 async def usage_of(read_model: ReadModel, owner: str) -> Usage:
-    return await read_model.usage(owner, day_start(datetime.now(UTC)))
+    return await read_model.usage(owner, datetime.now(UTC).date())
 
 
 def upstream_views(quotas: list[UpstreamQuota]) -> list[UpstreamQuotaView]:

@@ -6,9 +6,10 @@ live projection equal to a rebuild from the log, and redelivery or replay harmle
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -126,6 +127,37 @@ class Projection:
         if self.images.get(row.id) != row:
             self.images[row.id] = row
             self.changed_images.add(row.id)
+
+
+@dataclass
+class UsageChanges:
+    """What a set of row changes does to the per-owner usage counters (``tables.owner_usage``,
+    ``tables.owner_daily_images``).
+
+    Derived from rows, not events: a row that did not change counts nothing, so a redelivered
+    or replayed event cannot count twice, and the counters always equal a count over the rows.
+    """
+
+    active_jobs: Counter[str] = field(default_factory=Counter)
+    daily_images: Counter[tuple[str, date]] = field(default_factory=Counter)
+
+    def count(self, before: JobRow | None, after: JobRow | None) -> None:
+        """Add the change from ``before`` to ``after`` (None: no row) of one job."""
+        for row, sign in ((before, -1), (after, 1)):
+            if row is None:
+                continue
+            if not row.status.is_terminal():
+                self.active_jobs[row.owner] += sign
+            # The day of the UTC midnight the quota counts from; params as the old SQL sum read them.
+            day = row.created_at.astimezone(UTC).date()
+            self.daily_images[(row.owner, day)] += sign * int(row.params.get("num_images") or 0)
+
+    def nonzero(self) -> tuple[dict[str, int], dict[tuple[str, date], int]]:
+        """The counts that moved, by owner and by (owner, day)."""
+        return (
+            {owner: n for owner, n in self.active_jobs.items() if n},
+            {key: n for key, n in self.daily_images.items() if n},
+        )
 
 
 def queued_row(event: JobQueued) -> JobRow:

@@ -22,12 +22,13 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import sqlalchemy
-from sqlalchemy import Connection, Engine, Executable, Table, event, text
+from sqlalchemy import Connection, Engine, Executable, Table, event, inspect, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from projector.tables import READ_MODEL_TABLES, metadata
+from projector.apply import JobRow, UsageChanges
+from projector.tables import READ_MODEL_TABLES, jobs, metadata, owner_daily_images, owner_usage
 
 # Ingress (record_queued) and the projector write the same SQLite file from two processes;
 # a writer waits this long for the other's transaction instead of failing at once.
@@ -246,7 +247,14 @@ async def reset_schema(database: Database) -> None:
 
 def _create_tables(conn: Connection) -> None:
     _lock_schema(conn)
+    counted = inspect(conn).has_table(owner_daily_images.name)
     metadata.create_all(conn)
+    if not counted:
+        # A read model from before the usage counters: count its jobs once, as a rebuild would.
+        changes = UsageChanges()
+        for row in conn.execute(select(jobs)).mappings():
+            changes.count(None, JobRow.from_columns(row))
+        write_usage(conn, changes)
 
 
 def _recreate_tables(conn: Connection) -> None:
@@ -276,6 +284,31 @@ def insert_if_absent(conn: Connection, table: Table, rows: Sequence[Mapping[str,
     return conn.execute(_insert_if_absent_statement(conn.dialect.name, table), list(rows)).rowcount
 
 
+def insert_absent(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> set[Any]:
+    """Like insert_if_absent, but returns the primary keys (first key column) of the rows inserted."""
+    if not rows:
+        return set()
+    return set(conn.execute(_insert_absent_statement(conn.dialect.name, table), list(rows)).scalars())
+
+
+def add_to(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Add each row's non-key values to those of the row with its primary key (missing: inserted)."""
+    if rows:
+        conn.execute(_add_to_statement(conn.dialect.name, table), list(rows))
+
+
+def write_usage(conn: Connection, changes: UsageChanges) -> None:
+    """Add ``changes`` to the per-owner usage counters."""
+    active, daily = changes.nonzero()
+    # Sorted: on PostgreSQL concurrent writers then lock counter rows in one order (no deadlock).
+    add_to(conn, owner_usage, [{"owner": owner, "active_jobs": active[owner]} for owner in sorted(active)])
+    add_to(
+        conn,
+        owner_daily_images,
+        [{"owner": owner, "day": day, "images": daily[owner, day]} for owner, day in sorted(daily)],
+    )
+
+
 # Built once per dialect and table: constructing ON CONFLICT clauses costs more than running them.
 @functools.cache
 def _upsert_statement(dialect: str, table: Table) -> Executable:
@@ -289,6 +322,22 @@ def _upsert_statement(dialect: str, table: Table) -> Executable:
 def _insert_if_absent_statement(dialect: str, table: Table) -> Executable:
     keys = [column.name for column in table.primary_key.columns]
     return _insert(dialect, table).on_conflict_do_nothing(index_elements=keys)
+
+
+@functools.cache
+def _insert_absent_statement(dialect: str, table: Table) -> Executable:
+    keys = [column.name for column in table.primary_key.columns]
+    return _insert(dialect, table).on_conflict_do_nothing(index_elements=keys).returning(table.c[keys[0]])
+
+
+@functools.cache
+def _add_to_statement(dialect: str, table: Table) -> Executable:
+    statement = _insert(dialect, table)
+    keys = [column.name for column in table.primary_key.columns]
+    added = {
+        column.name: column + statement.excluded[column.name] for column in table.columns if column.name not in keys
+    }
+    return statement.on_conflict_do_update(index_elements=keys, set_=added)
 
 
 def _insert(dialect: str, table: Table) -> sqlite.Insert | postgresql.Insert:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 
 from sqlalchemy import Connection, RowMapping, bindparam, func, literal, select
 
 from projector.apply import ImageRow, ImageState, queued_row
-from projector.database import Database, insert_if_absent
+from projector.database import Database
 from projector.queries import (
     GalleryRecord,
     QueueFigures,
@@ -24,6 +24,7 @@ from projector.queries import (
     select_usage,
 )
 from projector.tables import images, jobs
+from projector.usage import insert_jobs
 from schemas import GenerationParams, JobQueued, JobStatus
 
 # Statements built once: building one (and its cache key) per call costs more than SQLite running it.
@@ -113,7 +114,8 @@ class ReadModel:
     async def stalled_jobs(self, quiet_since: datetime) -> list[StalledJob]:
         return await self._database.read(lambda conn: select_stalled(conn, quiet_since))
 
-    async def usage(self, owner: str, since: datetime) -> Usage:
+    async def usage(self, owner: str, since: date) -> Usage:
+        """The owner's jobs in flight and images asked for since UTC day ``since`` (two counter rows)."""
         return await self._database.read(lambda conn: select_usage(conn, owner, since))
 
     async def upstream_quotas(self) -> list[UpstreamQuota]:
@@ -133,13 +135,14 @@ class ReadModel:
         Two submits of one client-chosen job id both publish a JobQueued; the row's created_at
         (the first event to land, by the ingress or the projector) names the one that won.
         """
-        row = queued_row(event).to_columns()
+        row = queued_row(event)
 
         def insert(conn: Connection) -> bool:
-            if insert_if_absent(conn, jobs, [row]) == 1:
+            # The projector's own insert, which also counts the job in the owner's usage.
+            if insert_jobs(conn, [row]):
                 return True
             created = conn.execute(select(jobs.c.created_at).where(jobs.c.id == event.job_id)).scalar_one()
-            return bool(created == row["created_at"])
+            return bool(created == row.created_at)
 
         return await self._database.write(insert)
 

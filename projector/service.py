@@ -24,6 +24,7 @@ from bus.tracing import trace_context, tracer
 from projector.apply import ImageRow, JobRow, Projection, apply_event
 from projector.database import Database, reset_schema, upsert
 from projector.tables import images, jobs, projector_positions, upstream_quotas
+from projector.usage import write_jobs
 from schemas import Event, ImageDeleted, ImageExpired, ImageStored, JobStatus, UpstreamQuotaObserved
 from schemas.metrics import JOBS
 
@@ -188,6 +189,7 @@ def apply_events(conn: Connection, events: Sequence[Event]) -> list[Transition]:
     Returns the status changes, in order (a job pre-written by the ingress is already pending).
     """
     projection = _load(conn, events)
+    loaded = dict(projection.jobs)
     transitions = []
     for index, event in enumerate(events):
         before = projection.jobs.get(event.job_id)
@@ -195,7 +197,8 @@ def apply_events(conn: Connection, events: Sequence[Event]) -> list[Transition]:
         after = projection.jobs.get(event.job_id)
         if after is not None and (before is None or before.status is not after.status):
             transitions.append(Transition(index, after))
-    upsert(conn, jobs, [projection.jobs[key].to_columns() for key in sorted(projection.changed_jobs)])
+    # With the per-owner usage counters they feed, moved by the same rows (projector.usage).
+    write_jobs(conn, loaded, [projection.jobs[key] for key in sorted(projection.changed_jobs)])
     upsert(conn, images, [projection.images[key].to_columns() for key in sorted(projection.changed_images)])
     upsert(conn, upstream_quotas, [quota_columns(event) for _, event in sorted(projection.quotas.items())])
     return transitions

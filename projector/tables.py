@@ -8,6 +8,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
+    Date,
     DateTime,
     Dialect,
     Integer,
@@ -107,6 +108,25 @@ upstream_quotas = Table(
     Column("observed_at", UTCDateTime, nullable=False),
 )
 
+# Per-owner usage, so the quota check on every submit reads a row or two instead of scanning the
+# owner's history. A projection of the jobs rows like any other, kept in the transaction that
+# writes them (projector.usage): jobs pending or processing per owner...
+owner_usage = Table(
+    "owner_usage",
+    metadata,
+    Column("owner", String(128), primary_key=True),
+    Column("active_jobs", BigInteger, nullable=False),
+)
+
+# ...and the images asked for (num_images) by the jobs created on each UTC day.
+owner_daily_images = Table(
+    "owner_daily_images",
+    metadata,
+    Column("owner", String(128), primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("images", BigInteger, nullable=False),
+)
+
 # One row per projector name: the log position its rows reflect, written in the same transaction.
 projector_positions = Table(
     "projector_positions",
@@ -116,7 +136,14 @@ projector_positions = Table(
 )
 
 # The tables a rebuild drops and replays: derived from the log.
-READ_MODEL_TABLES: tuple[Table, ...] = (jobs, images, upstream_quotas, projector_positions)
+READ_MODEL_TABLES: tuple[Table, ...] = (
+    jobs,
+    images,
+    upstream_quotas,
+    owner_usage,
+    owner_daily_images,
+    projector_positions,
+)
 
 # --- Not derived from the log (a rebuild leaves them alone): the ingress's own shared state. ---
 
