@@ -39,10 +39,13 @@ unit: install services browser
 test: lint typecheck unit
 
 bench: install
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/overhead.py
 	$(PY) bench/diffusers_batching.py
 	$(PY) bench/remote_throughput.py
 	$(PY) bench/rate_limit.py
+	$(PY) bench/vs_litserve.py
+	$(PY) bench/control_plane.py --profile .imagebus/bench-profile
 
 # The long reliability runs behind docs/reliability.md (several minutes each).
 bench-reliability: install services
