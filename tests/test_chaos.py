@@ -469,7 +469,6 @@ def finished_job_events(index: int) -> list[Event]:
     events: list[Event] = [
         JobQueued(job_id=job_id, owner="o", backend="diffusers", params=params),
         JobStarted(job_id=job_id, worker_id="w", attempt=1),
-        *(JobProgress(job_id=job_id, step=step, total_steps=3) for step in (1, 2, 3)),
         ImageStored(
             job_id=job_id,
             image_id=image_id_for(job_id, 0),

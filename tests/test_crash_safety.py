@@ -91,7 +91,6 @@ def _job_events(rng: random.Random) -> list[Any]:
         JobQueued(job_id=job_id, owner="o", backend="diffusers", params=params),
         JobStarted(job_id=job_id, worker_id="w", attempt=1),
     ]
-    events += [JobProgress(job_id=job_id, step=s, total_steps=3) for s in (1, 2, 3)]
     if rng.random() < 0.3:
         events.append(JobFailed(job_id=job_id, error="boom"))
         return events
