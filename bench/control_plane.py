@@ -20,7 +20,10 @@ The load is light on purpose (the machine has few cores): a minimal HTTP/1.1 kee
 
 --profile DIR runs the load once more with py-spy sampling the ingress, the worker and the
 projector (raw collapsed stacks in DIR, figures of that run are under the profiler) and prints
-where each spends its CPU: by library, and by the innermost imagebus frame (file:line).
+where each spends its CPU: by library, by innermost frame, and by innermost imagebus frame
+(file:line). py-spy counts a thread while the kernel has it runnable, which on a busy machine
+includes waiting for a core, so shares are approximate; the CPU-ms column scales each share to the
+process's CPU measured over the same load.
 --summarise DIR prints that summary again from the files.
 
 Usage: python bench/control_plane.py [--jobs 2000] [--submitters 16] [--profile DIR] [--summarise DIR]
