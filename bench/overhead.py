@@ -11,12 +11,14 @@ and measures itself, so the bench waits for the job's JobSucceeded on the bus (a
 subscriber would, no CPU spent meanwhile) and only then polls the API every 1 ms until the
 read model shows `completed`. The figure is still "until the API shows it".
 
-The direct call is timed twice: on a quiet machine before the stack starts, and interleaved
-with the end-to-end jobs while the stack is up (its idle servers share the 2 cores), which is
-the baseline the overhead is computed against.
+The direct call (the pipeline, then its images encoded as the worker stores them: PNG at zlib
+level 1) is timed twice: on a quiet machine before the stack starts, and interleaved with the
+end-to-end jobs while the stack is up (its idle servers share the 2 cores), which is the baseline
+the overhead is computed against.
 
-A lone job on an idle worker waits IMAGEBUS_WORKER_BATCH_LINGER_S (50 ms) for batch-mates
-before it runs; --batch-linger-s sets it for the stack (0: run at once).
+A lone job on an idle worker starts at once; batches that are not full wait up to
+IMAGEBUS_WORKER_BATCH_LINGER_S (50 ms) for batch-mates only while commands arrive in a burst.
+--batch-linger-s sets it for the stack (0: never wait).
 
 Usage: python bench/overhead.py [--jobs 40] [--workers 1 2] [--batch-linger-s 0]
 """
@@ -41,6 +43,7 @@ from imagebus.process import free_port
 from schemas import GenerationParams, JobFailed, JobSucceeded
 from workers.backends.base import JobRequest
 from workers.backends.diffusers import DiffusersBackend
+from workers.encoding import ImageFormat
 
 BODY = {"prompt": "a red fox in snow", "width": 64, "height": 64, "num_inference_steps": 4, "num_images": 1}
 
@@ -58,13 +61,15 @@ class DirectCall:
         self.backend = DiffusersBackend(load_catalog())
         self.loop.run_until_complete(self.backend.prepare("tiny-sd"))
         self.params = GenerationParams(model="tiny-sd", guidance_scale=7.5, **BODY)
+        self.image_format = ImageFormat()
         for _ in range(3):
             self.once()
 
     def once(self) -> float:
         start = time.perf_counter()
         job = JobRequest(job_id="bench", params=self.params, on_progress=lambda _p: None)
-        self.loop.run_until_complete(self.backend.generate(job))
+        for image in self.loop.run_until_complete(self.backend.generate(job)):
+            self.image_format.encode(image).content.close()  # a server would encode its answer too
         return time.perf_counter() - start
 
 

@@ -166,6 +166,7 @@ def preload_models(catalog: Catalog, settings: WorkerSettings) -> list[str]:
 
 def worker_options(settings: WorkerSettings) -> WorkerOptions:
     """The runtime's options from the role's settings."""
+    from workers.encoding import ImageFormat
     from workers.runtime import WorkerOptions
 
     return WorkerOptions(
@@ -177,6 +178,8 @@ def worker_options(settings: WorkerSettings) -> WorkerOptions:
         shutdown_grace_s=settings.shutdown_grace_s,
         queue=settings.pool,
         batch_linger_s=settings.batch_linger_s,
+        batch_burst_gap_s=settings.batch_burst_gap_s,
+        image_format=ImageFormat(settings.image_format, settings.image_quality, settings.png_compress_level),
     )
 
 

@@ -8,7 +8,7 @@ built in ``main()`` and passed down; nothing else reads the environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -146,10 +146,16 @@ class WorkerSettings(_RoleSettings, _BusMixin, _S3Mixin, _CatalogMixin):
     cache_budget_gb: float | None = None
     max_loaded_models: int | None = None
     max_batch_images: int = 4
-    # How long a lone batchable job waits for batch-mates published with it (they arrive one by
-    # one): every job on an idle worker starts this much later, a burst runs in fewer calls.
-    # 0: never wait (lowest latency for tiny or interactive jobs).
+    # The most a batch that is not full waits for batch-mates, and only while commands arrive less
+    # than batch_burst_gap_s apart (a burst, published together, reaches the worker one by one); a
+    # lone job on an idle worker starts at once. 0: never wait.
     batch_linger_s: float = Field(0.05, ge=0)
+    batch_burst_gap_s: float = Field(0.01, gt=0)
+    # How images made here (diffusers) are stored: png (lossless, fast zlib level by default), webp
+    # or jpeg at image_quality (1-100). Encoded off the model's thread, beside the next batch.
+    image_format: Literal["png", "webp", "jpeg"] = "png"
+    image_quality: int = Field(90, ge=1, le=100)
+    png_compress_level: int = Field(1, ge=0, le=9)
     cpu_offload: bool = False
     # Where LoRAs held in a bucket are cached on local disk.
     lora_cache_dir: Path | None = None

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import replace
 
 from schemas import GenerationParams
-from workers.backends.base import Backend, GeneratedImage, JobRequest, Progress, SiteQuota
+from workers.backends.base import Backend, BackendImage, JobRequest, Progress, SiteQuota
 
 
 class SharedBackend:
@@ -23,13 +23,13 @@ class SharedBackend:
     async def prepare(self, model: str) -> None:
         await self.inner.prepare(model)
 
-    async def generate(self, job: JobRequest) -> list[GeneratedImage]:
+    async def generate(self, job: JobRequest) -> Sequence[BackendImage]:
         return await self.inner.generate(job)
 
     def batch_key(self, params: GenerationParams) -> Hashable | None:
         return self.inner.batch_key(params)
 
-    async def generate_batch(self, jobs: list[JobRequest]) -> list[list[GeneratedImage] | BaseException]:
+    async def generate_batch(self, jobs: list[JobRequest]) -> Sequence[Sequence[BackendImage] | BaseException]:
         return await self.inner.generate_batch(jobs)
 
     async def site_quota(self) -> SiteQuota | None:
@@ -52,7 +52,7 @@ class StepDelayBackend:
     async def prepare(self, model: str) -> None:
         await self._inner.prepare(model)
 
-    async def generate(self, job: JobRequest) -> list[GeneratedImage]:
+    async def generate(self, job: JobRequest) -> Sequence[BackendImage]:
         def slowed(progress: Progress) -> None:
             time.sleep(self._step_delay_s)  # in the backend's thread, like a real slow step
             job.on_progress(progress)
@@ -62,7 +62,7 @@ class StepDelayBackend:
     def batch_key(self, params: GenerationParams) -> Hashable | None:
         return None
 
-    async def generate_batch(self, jobs: list[JobRequest]) -> list[list[GeneratedImage] | BaseException]:
+    async def generate_batch(self, jobs: list[JobRequest]) -> Sequence[Sequence[BackendImage] | BaseException]:
         raise NotImplementedError
 
     async def site_quota(self) -> SiteQuota | None:

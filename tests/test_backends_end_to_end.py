@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from tests.fakes.image_api import FakeImageApi
 from tests.lora_files import write_tiny_lora
 from tests.slow_backend import SharedBackend
 from tests.stack import auth, running_stack
-from workers.backends.base import Backend, GeneratedImage, JobRequest, SiteQuota
+from workers.backends.base import Backend, BackendImage, JobRequest, SiteQuota
 from workers.backends.diffusers import DiffusersBackend, DiffusersOptions
 from workers.backends.remote import RemoteBackend
 
@@ -105,11 +105,11 @@ class RecordingBackend(SharedBackend):
         super().__init__(inner)
         self.call_sizes: list[int] = []
 
-    async def generate(self, job: JobRequest) -> list[GeneratedImage]:
+    async def generate(self, job: JobRequest) -> Sequence[BackendImage]:
         self.call_sizes.append(1)
         return await super().generate(job)
 
-    async def generate_batch(self, jobs: list[JobRequest]) -> list[list[GeneratedImage] | BaseException]:
+    async def generate_batch(self, jobs: list[JobRequest]) -> Sequence[Sequence[BackendImage] | BaseException]:
         self.call_sizes.append(len(jobs))
         return await super().generate_batch(jobs)
 
@@ -161,7 +161,7 @@ class QuotaReadingBackend(SharedBackend):
         super().__init__(inner)
         self.used = 0
 
-    async def generate(self, job: JobRequest) -> list[GeneratedImage]:
+    async def generate(self, job: JobRequest) -> Sequence[BackendImage]:
         images = await super().generate(job)
         self.used += len(images)
         return images

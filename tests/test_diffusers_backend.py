@@ -13,9 +13,10 @@ from PIL import Image
 
 from schemas import Catalog, GenerationParams, ModelSpec
 from workers.backends import tiny
-from workers.backends.base import CancelToken, GeneratedImage, GenerationCanceled, JobRequest, Progress
+from workers.backends.base import CancelToken, GenerationCanceled, JobRequest, Progress, RenderedImage
 from workers.backends.devices import choose_placement
 from workers.backends.diffusers import DiffusersBackend, DiffusersOptions
+from workers.encoding import ImageFormat
 
 
 def _spec(model_id: str, source: str) -> ModelSpec:
@@ -76,11 +77,11 @@ async def backend() -> AsyncIterator[DiffusersBackend]:
     await backend.close()
 
 
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+def pixels(image: RenderedImage) -> np.ndarray:
+    return np.asarray(image.pixels.convert("RGB"))
 
 
-async def run(backend: DiffusersBackend, request: GenerationParams) -> tuple[list[GeneratedImage], list[Progress]]:
+async def run(backend: DiffusersBackend, request: GenerationParams) -> tuple[list[RenderedImage], list[Progress]]:
     events: list[Progress] = []
     return await backend.generate(JobRequest("job", request, events.append)), events
 
@@ -88,16 +89,18 @@ async def run(backend: DiffusersBackend, request: GenerationParams) -> tuple[lis
 # --- images and seeds ----------------------------------------------------------------------------
 
 
-async def test_batch_is_png_images_of_the_requested_size_with_consecutive_seeds(backend: DiffusersBackend) -> None:
+async def test_batch_is_pixels_of_the_requested_size_with_consecutive_seeds(backend: DiffusersBackend) -> None:
+    """Pixels, not files: the worker encodes them off the model's thread (losslessly by default)."""
     images, _ = await run(backend, params(seed=1234))
 
     assert [image.seed for image in images] == [1234, 1235]
     for image in images:
-        assert image.content_type == "image/png"
         assert (image.width, image.height) == (64, 64)
-        decoded = Image.open(io.BytesIO(image.read_all()))
-        assert decoded.format == "PNG"
-        assert decoded.size == (64, 64)
+        encoded = ImageFormat().encode(image)
+        assert (encoded.content_type, encoded.width, encoded.height, encoded.seed) == ("image/png", 64, 64, image.seed)
+        decoded = Image.open(io.BytesIO(encoded.read_all()))
+        assert decoded.format == "PNG" and encoded.length == len(encoded.read_all())
+        assert np.array_equal(np.asarray(decoded.convert("RGB")), pixels(image))
 
 
 async def test_same_seed_same_image_and_different_seed_different_image(backend: DiffusersBackend) -> None:
@@ -105,8 +108,8 @@ async def test_same_seed_same_image_and_different_seed_different_image(backend: 
     again, _ = await run(backend, params(seed=7, num_images=1))
     other, _ = await run(backend, params(seed=8, num_images=1))
 
-    assert first[0].read_all() == again[0].read_all()
-    assert not np.array_equal(pixels(first[0].read_all()), pixels(other[0].read_all()))
+    assert np.array_equal(pixels(first[0]), pixels(again[0]))
+    assert not np.array_equal(pixels(first[0]), pixels(other[0]))
 
 
 async def test_each_image_of_a_batch_is_reproducible_from_its_own_seed(backend: DiffusersBackend) -> None:
@@ -114,7 +117,7 @@ async def test_each_image_of_a_batch_is_reproducible_from_its_own_seed(backend: 
     single, _ = await run(backend, params(seed=41, num_images=1))
 
     assert batch[1].seed == single[0].seed == 41
-    assert np.array_equal(pixels(batch[1].read_all()), pixels(single[0].read_all()))
+    assert np.array_equal(pixels(batch[1]), pixels(single[0]))
 
 
 async def test_a_random_seed_is_chosen_and_recorded_when_none_is_given(backend: DiffusersBackend) -> None:
@@ -124,14 +127,14 @@ async def test_a_random_seed_is_chosen_and_recorded_when_none_is_given(backend: 
     assert first is not None
     assert [image.seed for image in images] == [first, first + 1]
     replay, _ = await run(backend, params(seed=first))
-    assert [image.read_all() for image in replay] == [image.read_all() for image in images]
+    assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(replay, images, strict=True))
 
 
 async def test_negative_prompt_reaches_the_pipeline(backend: DiffusersBackend) -> None:
     plain, _ = await run(backend, params(num_images=1))
     negative, _ = await run(backend, params(num_images=1, negative_prompt="blurry"))
 
-    assert plain[0].read_all() != negative[0].read_all()
+    assert not np.array_equal(pixels(plain[0]), pixels(negative[0]))
 
 
 # --- progress and previews -------------------------------------------------------------------
@@ -293,4 +296,4 @@ async def test_a_model_loads_from_a_local_folder(backend: DiffusersBackend, tmp_
     builtin_images, _ = await run(backend, request)
     assert [p.step for p in folder_progress] == [1, 2, 3, 4]
     # Same weights, same seed: the folder round-trip changes nothing.
-    assert np.array_equal(pixels(folder_images[0].read_all()), pixels(builtin_images[0].read_all()))
+    assert np.array_equal(pixels(folder_images[0]), pixels(builtin_images[0]))

@@ -3,18 +3,16 @@ weighted, gone afterwards), reproducible seeds, batched calls, the model cache a
 
 from __future__ import annotations
 
-import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from schemas import Catalog, GenerationParams, LoraRequest, LoraSpec, ModelSpec
 from tests.lora_files import write_tiny_lora
-from workers.backends.base import GeneratedImage, GenerationCanceled, JobRequest, Progress
+from workers.backends.base import BackendImage, GenerationCanceled, JobRequest, Progress, RenderedImage
 from workers.backends.diffusers import DiffusersBackend, DiffusersOptions
 
 FAMILIES = {"tiny-sd": "sd", "tiny-sdxl": "sdxl", "tiny-flux": "flux"}
@@ -84,8 +82,9 @@ async def _images(backend: DiffusersBackend, params: GenerationParams) -> list[n
     return [_pixels(image) for image in await backend.generate(JobRequest("job", params, lambda _p: None))]
 
 
-def _pixels(image: GeneratedImage) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(image.read_all())).convert("RGB"))
+def _pixels(image: BackendImage) -> np.ndarray:
+    assert isinstance(image, RenderedImage)  # pixels: the worker encodes them
+    return np.asarray(image.pixels.convert("RGB"))
 
 
 def _lora(model: str, weight: float = 1.0, trigger_weight: float = 1.0) -> tuple[LoraRequest, ...]:

@@ -2,10 +2,13 @@
 
 Deliveries are *held* (read from the bus, heartbeated) until settled. The dispatcher starts up to
 ``backend.concurrency`` runs at once; a run is one job, or several compatible jobs in one batch when
-the backend batches (``max_batch_images`` > 1, equal ``batch_key``). ``settle`` is the one place that
-emits the terminal event and acks, naks or hands back. A cancel token stops a job between steps
-(a canceled batch member is settled at once, its batch-mates go on), and SIGTERM drains (finish or
-hand back) within a grace period.
+the backend batches (``max_batch_images`` > 1, equal ``batch_key``). A batch that is not full waits
+for batch-mates only while commands arrive in a burst (``workers.linger``); a lone job on an idle
+worker starts at once. A run holds its slot only for the backend call: encoding, uploads, events and
+settlement of its jobs (*finishing*) go on beside the next run. ``settle`` is the one place that
+emits the terminal event and acks, naks or hands back. A cancel token stops a job between steps,
+and a canceled job is settled at once whatever it is doing (its batch-mates go on). SIGTERM drains
+(finish or hand back, finishing jobs included) within a grace period.
 
 Two things keep a job from hanging or looping forever. A delivery past ``max_deliveries`` runs
 (the bus's verdict delivery) is not run again: the job fails and the command is dead-lettered, so
@@ -19,9 +22,10 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import structlog
 from opentelemetry import context as otel_context
@@ -34,27 +38,28 @@ from schemas import (
     CancelJob,
     Event,
     GenerateImage,
-    ImageStored,
     JobCanceled,
     JobFailed,
     JobHeartbeat,
     JobStarted,
     JobSucceeded,
     UpstreamQuotaObserved,
-    image_id_for,
     terminal_message_id,
 )
 from schemas.metrics import JOB_DURATION, JOB_QUEUE_SECONDS, WORKER_BUSY_RATIO, WORKER_BUSY_SECONDS, WORKER_SLOTS
 from storage.object_store import ObjectStore
 from workers.backends.base import (
     Backend,
+    BackendImage,
     CancelToken,
-    GeneratedImage,
     GenerationCanceled,
     JobRequest,
     RetryableError,
     SiteQuota,
 )
+from workers.encoding import ImageFormat
+from workers.image_storing import ImageStorer
+from workers.linger import BatchLinger
 from workers.outcomes import Canceled, DeadLetter, Failed, HandBack, Outcome, Retry, Succeeded
 from workers.progress import ProgressPublisher
 
@@ -63,6 +68,11 @@ log = structlog.get_logger(__name__)
 _SHUTDOWN = "worker shutting down"
 # How long a job whose events could not be published waits before it is offered again.
 _BUS_RETRY_DELAY_S = 5.0
+# Threads encoding finished images (Pillow releases the GIL while it compresses).
+_ENCODING_THREADS = 2
+
+# What a backend call came to for one job: its images, or the error it ended in.
+_Result = Sequence[BackendImage] | BaseException
 
 
 class BusUnavailable(RetryableError):
@@ -82,8 +92,12 @@ class WorkerOptions:
     shutdown_grace_s: float = 25.0
     # The work queue: a catalog pool, or None for the backend's shared queue.
     queue: str | None = None
-    # How long the first job of a would-be batch waits for batch-mates already on their way.
+    # The most a batch that is not full waits for batch-mates, and only while commands arrive less
+    # than batch_burst_gap_s apart (workers.linger); a lone job on an idle worker never waits.
     batch_linger_s: float = 0.05
+    batch_burst_gap_s: float = 0.01
+    # How images a backend hands back as pixels are encoded.
+    image_format: ImageFormat = field(default_factory=ImageFormat)
 
 
 @dataclass(eq=False)
@@ -121,15 +135,25 @@ class Worker:
         self._queue = options.queue or backend.name
         self._concurrency = max(1, backend.concurrency)
         self._batch_images = max(1, backend.max_batch_images)
-        # Held at most: every slot busy plus one full batch waiting, so a batch is ready when a slot
-        # frees. (A crash charges a delivery to everything held; redelivered jobs then run alone.)
-        self._capacity = (self._concurrency + 1) * self._batch_images
+        # Held at most: every slot busy, as many batches finishing, and one full batch waiting, so a
+        # batch is ready when a slot frees. (A crash charges a delivery to everything held;
+        # redelivered jobs then run alone.)
+        self._capacity = (2 * self._concurrency + 1) * self._batch_images
         self._held: dict[str, _Held] = {}
         self._waiting: list[_Held] = []
         self._runs: set[asyncio.Task[None]] = set()
-        # Settlements of canceled batch members, made while their batch runs on.
+        # Runs whose backend call is over: their jobs' encoding, uploads, events and settlement,
+        # beside the next runs. At most one per slot, so finished images cannot pile up in memory.
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._finishing_room = asyncio.Semaphore(self._concurrency)
+        # Threads for encoding images, while run() runs (None: the loop's default ones).
+        self._encoder: ThreadPoolExecutor | None = None
+        self._images = ImageStorer(store, self._publish, options.image_format, options.image_ttl_s)
+        # Settlements of canceled jobs, made while their run goes on.
         self._side_tasks: set[asyncio.Task[None]] = set()
-        self._linger_pending = False
+        self._linger = BatchLinger(options.batch_linger_s, options.batch_burst_gap_s)
+        # The pending linger timer's due time (uvloop's timer handles have no when()).
+        self._linger_due: float | None = None
         self._last_quota: SiteQuota | None = None
         self._room = asyncio.Event()
         self._room.set()
@@ -142,6 +166,11 @@ class Worker:
         WORKER_SLOTS.labels(backend.name).set(self._concurrency)
         WORKER_BUSY_RATIO.labels(backend.name).set(0)
 
+    @property
+    def held_jobs(self) -> int:
+        """Deliveries held now: waiting for a slot, running, or finishing."""
+        return len(self._held)
+
     async def prepare(self, models: list[str]) -> None:
         for model in models:
             await self._backend.prepare(model)
@@ -149,6 +178,7 @@ class Worker:
     async def run(self, *, stop: asyncio.Event | None = None, idle_timeout_s: float | None = None) -> int:
         """Consume until ``stop`` is set (draining gracefully) or, in burst mode, until idle."""
         stop = stop or asyncio.Event()
+        self._encoder = encoder = ThreadPoolExecutor(_ENCODING_THREADS, thread_name_prefix="encode")
         async with self._bus.watch_control(self._backend.name) as controls:
             control_task = asyncio.create_task(self._follow_controls(controls))
             heartbeat_task = asyncio.create_task(self._heartbeat())
@@ -160,6 +190,7 @@ class Worker:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+        encoder.shutdown(wait=False)
         await self._backend.close()
         return self.handled
 
@@ -205,7 +236,9 @@ class Worker:
         return received
 
     def _hold(self, delivery: CommandDelivery) -> None:
-        held = _Held(delivery, asyncio.get_running_loop().time(), trace=trace_context(delivery.trace_headers))
+        now = asyncio.get_running_loop().time()
+        held = _Held(delivery, now, trace=trace_context(delivery.trace_headers))
+        self._linger.arrived(now)
         self._held[delivery.command.job_id] = held
         self._waiting.append(held)
         self._update_room()
@@ -218,11 +251,14 @@ class Worker:
         else:
             self._room.clear()
 
-    def _dispatch(self, *, linger: bool = True) -> None:
+    def _dispatch(self, *, linger: bool = True, timer_due: float | None = None) -> None:
         while self._waiting and len(self._runs) < self._concurrency:
-            if linger and self._should_linger():
+            members = self._next_batch()
+            if linger and self._should_linger(members, timer_due):
                 return
-            members = self._take_batch()
+            for held in members:
+                self._waiting.remove(held)
+            self._linger.started()
             task = asyncio.create_task(self._run_batch(members))
             self._runs.add(task)
             task.add_done_callback(self._run_done)
@@ -243,44 +279,47 @@ class Worker:
         self._busy_slots = len(self._runs)
         WORKER_BUSY_RATIO.labels(self._backend.name).set(self._busy_slots / self._concurrency)
 
-    def _should_linger(self) -> bool:
-        """Hold a batchable job back briefly when its batch-mates may be a few milliseconds away
+    def _should_linger(self, members: list[_Held], timer_due: float | None) -> bool:
+        """Hold a batch that is not full back while its batch-mates are likely on their way
         (commands published together reach us one by one); schedules the retry itself."""
-        first = self._waiting[0]
-        if first.suspect or self._batch_key(first.command) is None or self._options.batch_linger_s <= 0:
+        first = members[0]
+        if first.suspect or self._batch_key(first.command) is None or len(self._held) >= self._capacity:
+            return False
+        if sum(held.command.params.num_images for held in members) >= self._batch_images:
             return False
         loop = asyncio.get_running_loop()
-        remaining = first.held_at + self._options.batch_linger_s - loop.time()
-        if remaining <= 0 or len(self._held) >= self._capacity:
+        # A timer may fire a little early by the loop's clock (uvloop rounds to milliseconds): the
+        # time is at least the due time it was set for, so a linger that is over stays over.
+        now = loop.time() if timer_due is None else max(loop.time(), timer_due)
+        wait = self._linger.wait_s(now)
+        if wait <= 0:
             return False
-        # One timer at a time. When it fires the waiting jobs go without lingering again: timers may
-        # fire a little early by the loop's clock (uvloop rounds to milliseconds), and a second
-        # linger decided then would leave the job waiting with no timer at all.
-        if not self._linger_pending:
-            self._linger_pending = True
-            loop.call_later(remaining, self._linger_over)
+        # One timer at a time; when it fires the decision is taken again (arrivals since may have
+        # extended the burst). Its due time is kept here: uvloop's timer handles have no when().
+        if self._linger_due is None:
+            self._linger_due = now + wait
+            loop.call_later(wait, self._linger_over)
         return True
 
     def _linger_over(self) -> None:
-        self._linger_pending = False
-        self._dispatch(linger=False)
+        due, self._linger_due = self._linger_due, None
+        self._dispatch(timer_due=due)
 
-    def _take_batch(self) -> list[_Held]:
+    def _next_batch(self) -> list[_Held]:
         """The oldest waiting job, plus the waiting jobs the backend can run in the same call."""
-        first = self._waiting.pop(0)
+        first = self._waiting[0]
         members = [first]
         key = None if first.suspect else self._batch_key(first.command)
         if key is None:
             return members
         images = first.command.params.num_images
-        for held in list(self._waiting):
+        for held in self._waiting[1:]:
             wanted = held.command.params.num_images
             if images + wanted > self._batch_images:
                 continue
             if held.suspect or held.command.job_id in self._canceled_early:
                 continue
             if self._batch_key(held.command) == key:
-                self._waiting.remove(held)
                 members.append(held)
                 images += wanted
         return members
@@ -290,27 +329,42 @@ class Worker:
             return None
         return self._backend.batch_key(command.params)
 
+    def _tasks(self) -> set[asyncio.Task[None]]:
+        """Everything still working on held jobs: runs, finishing runs, early settlements."""
+        return self._runs | self._finishing | self._side_tasks
+
     async def _finish_runs(self) -> None:
-        while self._runs or self._waiting or self._side_tasks:
-            if self._runs or self._side_tasks:
-                await asyncio.wait(self._runs | self._side_tasks)
+        while self._waiting or self._tasks():
+            if tasks := self._tasks():
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             else:
                 self._dispatch(linger=False)
 
     async def _drain(self) -> None:
-        """On stop: waiting jobs go back at once; running ones finish within the grace period, else
-        they are canceled and handed back."""
+        """On stop: waiting jobs go back at once; running and finishing ones finish within the grace
+        period, else they are canceled and handed back."""
         for held in self._waiting:
             await self.settle(held, HandBack())
         self._waiting.clear()
-        if not self._runs:
+        if not self._tasks():
             return
         log.info("draining", in_flight=list(self._held), grace_s=self._options.shutdown_grace_s)
-        _, pending = await asyncio.wait(set(self._runs), timeout=self._options.shutdown_grace_s)
-        if pending:
+        if not await self._tasks_done_within(self._options.shutdown_grace_s):
             for held in self._held.values():
                 held.token.cancel(_SHUTDOWN)
-            await asyncio.wait(pending, timeout=self._options.shutdown_grace_s)
+            await self._tasks_done_within(self._options.shutdown_grace_s)
+
+    async def _tasks_done_within(self, seconds: float) -> bool:
+        """Wait for every task, those started meanwhile too (a run hands its jobs on to a
+        finishing task); False if some are still going after ``seconds``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while tasks := self._tasks():
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            await asyncio.wait(tasks, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        return True
 
     async def _follow_controls(self, controls: AsyncIterator[CancelJob]) -> None:
         async for control in controls:
@@ -409,11 +463,80 @@ class Worker:
                 )
             else:
                 live.append(held)
-        if live:
-            outcomes = await self._generate(live)
-            for held, outcome in zip(live, outcomes, strict=True):
-                await self.settle(held, outcome)
-            await self._report_upstream_quota(live[0].command.job_id)
+        if not live:
+            return
+        loop = asyncio.get_running_loop()
+        for held in live:
+            # A cancel settles the job at once, running or finishing; its batch-mates go on.
+            held.token.on_cancel(self._settle_canceled_later(loop, held))
+        publishing = contextlib.ExitStack()
+        try:
+            publishers = [self._progress_publisher(held, publishing) for held in live]
+            results = await self._call_backend(live, publishers)
+            # The model is free for the next run once a finishing place is: at most one batch of
+            # finished images per slot waits in memory for encoding and upload.
+            await self._finishing_room.acquire()
+        except BaseException:
+            publishing.close()
+            raise
+        task = asyncio.create_task(self._finish(live, results, publishing, publishers))
+        self._finishing.add(task)
+        task.add_done_callback(self._finish_done)
+
+    def _progress_publisher(self, held: _Held, publishing: contextlib.ExitStack) -> ProgressPublisher:
+        publisher = ProgressPublisher(self._bus, held.command.job_id, held.delivery.attempt, asyncio.get_running_loop())
+        with attached(held.trace):  # its publishing task keeps the job's trace
+            publishing.enter_context(publisher)
+        return publisher
+
+    async def _call_backend(self, members: list[_Held], publishers: list[ProgressPublisher]) -> list[_Result]:
+        """The members' one backend call (after their JobStarted); one result per member."""
+        jobs = [
+            JobRequest(job_id=held.command.job_id, params=held.command.params, on_progress=publisher, cancel=held.token)
+            for held, publisher in zip(members, publishers, strict=True)
+        ]
+        try:
+            for held in members:
+                with attached(held.trace):
+                    await self._publish(
+                        JobStarted(
+                            job_id=held.command.job_id, worker_id=self._options.worker_id, attempt=held.delivery.attempt
+                        )
+                    )
+                held.last_signal_at = asyncio.get_running_loop().time()
+                held.started_at = time.monotonic()
+                waited = (datetime.now(UTC) - held.command.occurred_at).total_seconds()
+                JOB_QUEUE_SECONDS.labels(self._backend.name, held.command.params.model).observe(max(waited, 0.0))
+            await self._backend.prepare(members[0].command.params.model)
+            if len(members) == 1:
+                return [await self._backend.generate(jobs[0])]
+            return list(await self._backend.generate_batch(jobs))
+        except Exception as exc:
+            return [exc] * len(members)
+
+    async def _finish(
+        self,
+        members: list[_Held],
+        results: list[_Result],
+        publishing: contextlib.ExitStack,
+        publishers: list[ProgressPublisher],
+    ) -> None:
+        """Beside the next run: each member's progress out, images encoded, stored and announced,
+        then its settlement; the members concurrently."""
+        with publishing:
+            for publisher in publishers:
+                await publisher.flush()
+        await asyncio.gather(*(self._finish_job(held, result) for held, result in zip(members, results, strict=True)))
+        await self._report_upstream_quota(members[0].command.job_id)
+
+    def _finish_done(self, task: asyncio.Task[None]) -> None:
+        self._finishing.discard(task)
+        self._finishing_room.release()
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("finishing_crashed", error=repr(error))
+
+    async def _finish_job(self, held: _Held, result: _Result) -> None:
+        await self.settle(held, await self._outcome(held, result))
 
     async def _report_upstream_quota(self, job_id: str) -> None:
         """Publish the outside service's quota when the backend has one and it changed."""
@@ -436,55 +559,6 @@ class Worker:
         except Exception as exc:  # informational: never let it disturb the jobs
             log.warning("upstream_quota_failed", error=str(exc))
 
-    async def _generate(self, members: list[_Held]) -> list[Outcome]:
-        """Run the members in one backend call and turn each one's result into an outcome."""
-        loop = asyncio.get_running_loop()
-        publishers = [
-            ProgressPublisher(self._bus, held.command.job_id, held.delivery.attempt, loop) for held in members
-        ]
-        jobs = [
-            JobRequest(job_id=held.command.job_id, params=held.command.params, on_progress=publisher, cancel=held.token)
-            for held, publisher in zip(members, publishers, strict=True)
-        ]
-        if len(members) > 1:
-            for held in members:
-                # A batch-mate's cancel ends that job now; the batch goes on for the others.
-                held.token.on_cancel(self._settle_canceled_later(loop, held))
-        with contextlib.ExitStack() as publishing:
-            for held, publisher in zip(members, publishers, strict=True):
-                with attached(held.trace):  # its publishing task keeps the job's trace
-                    publishing.enter_context(publisher)
-            results = await self._call_backend(members, jobs, publishers)
-        return [await self._outcome(held, result) for held, result in zip(members, results, strict=True)]
-
-    async def _call_backend(
-        self, members: list[_Held], jobs: list[JobRequest], publishers: list[ProgressPublisher]
-    ) -> list[list[GeneratedImage] | BaseException]:
-        results: list[list[GeneratedImage] | BaseException]
-        try:
-            for held in members:
-                with attached(held.trace):
-                    await self._publish(
-                        JobStarted(
-                            job_id=held.command.job_id, worker_id=self._options.worker_id, attempt=held.delivery.attempt
-                        )
-                    )
-                held.last_signal_at = asyncio.get_running_loop().time()
-                held.started_at = time.monotonic()
-                waited = (datetime.now(UTC) - held.command.occurred_at).total_seconds()
-                JOB_QUEUE_SECONDS.labels(self._backend.name, held.command.params.model).observe(max(waited, 0.0))
-            await self._backend.prepare(members[0].command.params.model)
-            if len(members) == 1:
-                results = [await self._backend.generate(jobs[0])]
-            else:
-                results = await self._backend.generate_batch(jobs)
-        except Exception as exc:
-            results = [exc] * len(members)
-        finally:
-            for publisher in publishers:
-                await publisher.flush()
-        return results
-
     def _settle_canceled_later(self, loop: asyncio.AbstractEventLoop, held: _Held) -> Callable[[], None]:
         """A cancel listener (called on any thread) that settles ``held`` on the loop."""
 
@@ -499,15 +573,15 @@ class Worker:
             self._side_tasks.add(task)
             task.add_done_callback(self._side_tasks.discard)
 
-    async def _outcome(self, held: _Held, result: list[GeneratedImage] | BaseException) -> Outcome:
-        token = held.token
+    async def _outcome(self, held: _Held, result: _Result) -> Outcome:
         if held.settled:
-            return Canceled(token.reason)  # already settled early; settle() ignores it
+            return Canceled(held.token.reason)  # already settled early; settle() ignores it
         if isinstance(result, BaseException):
             return self._failure(held, result)
         try:
             with attached(held.trace):
-                return Succeeded(await self._store_images(held.command, result, token))
+                image_ids = await self._images.store_all(held.command.job_id, result, held.token, self._encoder)
+                return Succeeded(image_ids)
         except Exception as exc:
             return self._failure(held, exc)
 
@@ -584,34 +658,3 @@ class Worker:
         self.handled += 1
         log.info("job_settled", job_id=job_id, outcome=type(outcome).__name__)
         return True
-
-    async def _store_images(
-        self, command: GenerateImage, images: list[GeneratedImage], token: CancelToken
-    ) -> list[str]:
-        image_ids = []
-        for index, image in enumerate(images):
-            token.raise_if_canceled()
-            image_id = image_id_for(command.job_id, index)
-            expires_at = datetime.now(UTC) + timedelta(seconds=self._options.image_ttl_s)
-            key = ObjectStore.image_key(command.job_id, image_id, expires_at, image.content_type)
-            image.content.seek(0)
-            stored = await self._store.put_stream(
-                key, image.content, content_type=image.content_type, length=image.length
-            )
-            image.content.close()
-            await self._publish(
-                ImageStored(
-                    job_id=command.job_id,
-                    image_id=image_id,
-                    index=index,
-                    object_key=stored.key,
-                    content_type=image.content_type,
-                    width=image.width,
-                    height=image.height,
-                    size_bytes=stored.size_bytes,
-                    seed=image.seed,
-                    expires_at=expires_at,
-                )
-            )
-            image_ids.append(image_id)
-        return image_ids

@@ -2,19 +2,24 @@
 
 Backends are async: the remote and browser backends wait on the network, and the diffusers backend
 runs torch on a thread of its own. The runtime decides how many jobs a backend gets at once
-(``concurrency``) and whether compatible jobs go in one call (``max_batch_images``).
+(``concurrency``) and whether compatible jobs go in one call (``max_batch_images``). A backend that
+makes pixels itself hands them back unencoded (``RenderedImage``): the runtime encodes them in the
+worker's image format off the model's thread, while the model makes the next batch.
 """
 
 from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from schemas import GenerationParams
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 
 class RetryableError(Exception):
@@ -98,6 +103,26 @@ class GeneratedImage:
         return data
 
 
+@dataclass(frozen=True)
+class RenderedImage:
+    """One finished image as pixels, not yet encoded (the runtime encodes it off the model's thread)."""
+
+    pixels: Image
+    seed: int | None
+
+    @property
+    def width(self) -> int:
+        return self.pixels.width
+
+    @property
+    def height(self) -> int:
+        return self.pixels.height
+
+
+# What a backend hands back per image: encoded bytes (downloaded, captured), or pixels to encode.
+BackendImage = GeneratedImage | RenderedImage
+
+
 @dataclass
 class JobRequest:
     """One job as a backend sees it: what to make, where to report, when to stop."""
@@ -131,7 +156,7 @@ class Backend(Protocol):
     async def prepare(self, model: str) -> None:
         """Load what ``model`` needs (once; later calls for a loaded model are cheap)."""
 
-    async def generate(self, job: JobRequest) -> list[GeneratedImage]:
+    async def generate(self, job: JobRequest) -> Sequence[BackendImage]:
         """Make ``job.params.num_images`` images, reporting progress, stopping when canceled."""
         ...
 
@@ -139,7 +164,7 @@ class Backend(Protocol):
         """Jobs with equal keys may share one ``generate_batch`` call; None: never batched."""
         ...
 
-    async def generate_batch(self, jobs: list[JobRequest]) -> list[list[GeneratedImage] | BaseException]:
+    async def generate_batch(self, jobs: list[JobRequest]) -> Sequence[Sequence[BackendImage] | BaseException]:
         """Several compatible jobs in one call; one result (images or the job's error) per job.
 
         A canceled member gets ``GenerationCanceled`` and the others their images; the call as a

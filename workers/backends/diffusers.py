@@ -3,13 +3,14 @@
 All torch work happens on one thread of the backend's own, so the event loop never blocks and one
 pipeline holds the accelerator at a time. Loaded pipelines stay in an LRU cache within a memory
 budget. One pipeline call makes a whole batch (a job's ``num_images``, or several compatible jobs);
-a step callback reports progress, attaches cheap latent previews and checks cancel tokens.
+a step callback reports progress, attaches cheap latent previews and checks cancel tokens. The
+thread runs nothing but that: the images go back as pixels, and the worker runtime encodes them
+on threads of its own while this one makes the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import secrets
 import tempfile
 import time
@@ -23,10 +24,10 @@ import structlog
 
 from schemas import Catalog, GenerationParams, LoraSpec, ModelFamily, ModelSpec
 from workers.backends.base import (
-    GeneratedImage,
     GenerationCanceled,
     JobRequest,
     Progress,
+    RenderedImage,
     SiteQuota,
 )
 from workers.backends.devices import (
@@ -104,7 +105,7 @@ class DiffusersBackend:
     async def prepare(self, model: str) -> None:
         await self._in_thread(self.cache.get, self._check_model(model))
 
-    async def generate(self, job: JobRequest) -> list[GeneratedImage]:
+    async def generate(self, job: JobRequest) -> list[RenderedImage]:
         results = await self._in_thread(self._generate, [job])
         result = results[0]
         if isinstance(result, BaseException):
@@ -121,7 +122,7 @@ class DiffusersBackend:
         return (params.model, params.width, params.height, params.num_inference_steps, params.guidance_scale,
                 params.negative_prompt is not None, loras)  # fmt: skip
 
-    async def generate_batch(self, jobs: list[JobRequest]) -> list[list[GeneratedImage] | BaseException]:
+    async def generate_batch(self, jobs: list[JobRequest]) -> list[list[RenderedImage] | BaseException]:
         keys = {self.batch_key(job.params) for job in jobs}
         if len(keys) != 1:
             raise ValueError("generate_batch needs jobs with one batch key")
@@ -173,10 +174,10 @@ class DiffusersBackend:
 
     # --- generating ----------------------------------------------------------------------------
 
-    def _generate(self, jobs: list[JobRequest]) -> list[list[GeneratedImage] | BaseException]:
+    def _generate(self, jobs: list[JobRequest]) -> list[list[RenderedImage] | BaseException]:
         """One pipeline call for every job (one job, or a batch sharing a batch key)."""
         live = [job for job in jobs if not job.cancel.canceled]
-        results: dict[int, list[GeneratedImage] | BaseException] = {
+        results: dict[int, list[RenderedImage] | BaseException] = {
             id(job): GenerationCanceled(job.cancel.reason) for job in jobs if job.cancel.canceled
         }
         if live:
@@ -191,7 +192,7 @@ class DiffusersBackend:
                     results[id(job)] = GenerationCanceled(job.cancel.reason) if job.cancel.canceled else job_images
         return [results[id(job)] for job in jobs]
 
-    def _call_pipeline(self, jobs: list[JobRequest]) -> list[list[GeneratedImage]]:
+    def _call_pipeline(self, jobs: list[JobRequest]) -> list[list[RenderedImage]]:
         import torch
 
         params = jobs[0].params  # the batch key makes size, steps, guidance, LoRAs common to all
@@ -246,9 +247,9 @@ class DiffusersBackend:
                 f"on {self.placement.device}: {error}"
             )
         else:
-            per_job: list[list[GeneratedImage]] = [[] for _ in jobs]
+            per_job: list[list[RenderedImage]] = [[] for _ in jobs]
             for image, seed, owner in zip(images, seeds, owners, strict=True):
-                per_job[owner].append(_encode_png(image, seed))
+                per_job[owner].append(RenderedImage(image, seed))
             return per_job
         # Raised outside the except block on purpose: a chained traceback would keep the failed
         # step's frames, and with them its tensors, alive past the cache release.
@@ -368,9 +369,3 @@ def _pipeline_class(name: str | None) -> Any:
     if found is None or not hasattr(found, "from_pretrained"):
         raise ValueError(f"diffusers has no pipeline class {name!r} (installed: diffusers {diffusers.__version__})")
     return found
-
-
-def _encode_png(image: Image, seed: int) -> GeneratedImage:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return GeneratedImage.from_bytes(buffer.getvalue(), "image/png", image.width, image.height, seed)
