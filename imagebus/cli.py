@@ -23,8 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default=None, help="default model: a catalog id, hub id or local folder")
     up.add_argument(
         "--backends",
-        default="diffusers,remote,browser",
-        help="worker pools to start, comma-separated (default diffusers,remote,browser)",
+        default=None,
+        help="worker pools to start, comma-separated (diffusers,remote,browser); default: each one with "
+        "something to run (diffusers; remote with a usable endpoint; browser with a stored session)",
     )
 
     ingress = sub.add_parser("ingress", help="the HTTP API")
@@ -64,7 +65,7 @@ def _configure(role_settings: Any, role: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    from imagebus import roles, settings
+    from imagebus import settings
     from imagebus.logging import configure_logging
 
     if args.command == "up":
@@ -72,7 +73,11 @@ def main(argv: list[str] | None = None) -> None:
 
         launcher = settings.LauncherSettings()
         configure_logging(launcher.log_format, launcher.log_level)
-        raise SystemExit(run_stack(launcher, args))
+        # The workers' settings too: which backends have something to run decides which start.
+        raise SystemExit(run_stack(launcher, settings.WorkerSettings(), args))
+    # Not imported for `up`: every module the launcher loads delays the first process it starts.
+    from imagebus import roles
+
     if args.command == "ingress":
         overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
         ingress = settings.IngressSettings(**overrides)

@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from bus import Bus, BusOptions, connect_bus
 from imagebus.catalog import load_catalog
 from imagebus.observability import metrics_endpoint
+from imagebus.readiness import report_ready, withdraw_ready
 from imagebus.settings import (
     IngressSettings,
     ProjectorSettings,
@@ -38,6 +39,9 @@ log = structlog.get_logger(__name__)
 
 # Seconds a SIGTERMed ingress gives its requests in flight (event streams are cut after it).
 INGRESS_SHUTDOWN_GRACE_S = 10
+# How long a role that starts before its object store waits for it (as the bus does for its broker).
+STORE_PATIENCE_S = 30.0
+_STORE_RETRY_S = 0.5
 
 
 def bus_options(settings: _BusMixin) -> BusOptions:
@@ -190,7 +194,6 @@ async def run_worker(settings: WorkerSettings) -> None:
     catalog = loaded.catalog
     backend = build_backend(settings.backend, loaded, settings)
     store = ObjectStore(s3_config(settings))
-    await store.ensure_bucket()
     bus = await _connect(settings)
     options = worker_options(settings)
     worker_id = options.worker_id
@@ -198,13 +201,39 @@ async def run_worker(settings: WorkerSettings) -> None:
     try:
         stop = stop_on_signals()
         async with metrics_endpoint(settings.metrics_host, settings.metrics_port):
-            if settings.preload:
-                await worker.prepare(preload_models(catalog, settings))
+            models = preload_models(catalog, settings) if settings.preload else []
+            # The model load is most of a cold start; the store may still be starting meanwhile
+            # (`imagebus up` starts the workers beside the S3 server), so both at once.
+            async with asyncio.TaskGroup() as starting:
+                starting.create_task(worker.prepare(models))
+                starting.create_task(ensure_bucket_patiently(store))
             queue = settings.pool or settings.backend
-            log.info("worker_ready", worker_id=worker_id, backend=settings.backend, queue=queue)
-            await worker.run(stop=stop)
+            log.info("worker_ready", worker_id=worker_id, backend=settings.backend, queue=queue, models=models)
+            # Commands wait in the work queue, so a job sent from now on is taken as soon as run()
+            # subscribes, its model already loaded.
+            report_ready(settings.ready_file, role="worker", backend=settings.backend, queue=queue, models=models)
+            try:
+                await worker.run(stop=stop)
+            finally:
+                withdraw_ready(settings.ready_file)
     finally:
         await bus.close()
+
+
+async def ensure_bucket_patiently(store: ObjectStore, *, patience_s: float = STORE_PATIENCE_S) -> None:
+    """The store's bucket, tried again every half second for ``patience_s`` while the store does not
+    answer (or answers before it has loaded its identities, as a starting SeaweedFS does)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience_s
+    while True:
+        try:
+            await store.ensure_bucket()
+            return
+        except Exception as error:  # the S3 SDK's connection, HTTP and S3 errors alike
+            if loop.time() + _STORE_RETRY_S > deadline:
+                raise
+            log.warning("store_unreachable", error=str(error)[:300], retry_in_s=_STORE_RETRY_S)
+            await asyncio.sleep(_STORE_RETRY_S)
 
 
 async def run_projector(settings: ProjectorSettings, *, rebuild_first: bool = False) -> None:
@@ -224,6 +253,7 @@ async def run_projector(settings: ProjectorSettings, *, rebuild_first: bool = Fa
             log.info("projector_rebuilt", events=count)
         await create_schema(database)
         log.info("projector_ready")
+        report_ready(settings.ready_file, role="projector")
         projector = Projector(database, bus, name=settings.name, batch_size=settings.batch_size)
         async with metrics_endpoint(settings.metrics_host, settings.metrics_port), asyncio.TaskGroup() as roles:
             if settings.stall_after_s > 0:
@@ -260,6 +290,7 @@ async def run_reaper(settings: ReaperSettings) -> None:
     try:
         stop = stop_on_signals()
         log.info("reaper_ready", interval_s=settings.interval_s)
+        report_ready(settings.ready_file, role="reaper")
         async with metrics_endpoint(settings.metrics_host, settings.metrics_port):
             await reap_forever(store, bus, interval_s=settings.interval_s, stop=stop)
     finally:

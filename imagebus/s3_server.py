@@ -13,9 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import urllib3
-from minio import Minio
-
 from imagebus.process import ManagedProcess, find_binary
 
 HOST = "127.0.0.1"
@@ -65,13 +62,14 @@ def start_s3_server(
     Every port weed opens is chosen here: left to itself it silently moves a busy default port
     elsewhere, so two instances (tests in parallel, ``imagebus up`` beside the tests) would
     collide or end up somewhere we do not know. Given explicitly, a busy port makes it exit at
-    once, and we retry with fresh ports (unless the caller fixed the S3 port).
+    once, and we retry with fresh ports (keeping ``s3_port`` when the caller fixed it, since it
+    may already have told others where the S3 API will be).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     # weed saves the options of each run here and applies them to the flags of the next run
     # that are left at their defaults; every run passes all it needs, so a stale file only harms.
     (data_dir / "mini.options").unlink(missing_ok=True)
-    attempts = 1 if s3_port is not None else 3
+    attempts = 3
     for attempt in range(1, attempts + 1):
         ports = _reserve_ports(s3_port)
         process = ManagedProcess(
@@ -164,8 +162,10 @@ def _reserve_ports(s3_port: int | None) -> dict[str, int]:
             sock.bind((HOST, port))
             return int(sock.getsockname()[1])
 
+        # A fixed S3 port first, so none of the others can be handed out on it.
+        fixed = {} if s3_port is None else {"s3.port": grab(s3_port)}
         ports = {name: grab() for name in names}
-        ports["s3.port"] = s3_port if s3_port is not None else grab()
+        ports["s3.port"] = fixed.get("s3.port") or grab()
         ports["admin.port"], ports["admin.port.grpc"] = _grab_offset_pair(grab)
         return ports
 
@@ -187,6 +187,10 @@ class _ExitedEarly(Exception):
 
 
 def _wait_until_ready(server: S3Server, timeout_s: float) -> None:
+    # Imported here: the launcher imports this module before it starts anything, and waits less.
+    import urllib3
+    from minio import Minio
+
     # Retries off and short timeouts: the minio default retries each call for seconds.
     http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=1.0, read=2.0), retries=False)
     client = Minio(
@@ -215,3 +219,25 @@ def _wait_until_ready(server: S3Server, timeout_s: float) -> None:
 
 def _failure(what: str, process: ManagedProcess) -> str:
     return f"weed mini {what} (log: {process.log_path}):\n{process.tail()}"
+
+
+def warm_bucket(server: S3Server, bucket: str) -> None:
+    """Create ``bucket`` and write (then remove) one small object in it.
+
+    weed allocates a bucket's volume at its first write, which takes about a second; done while
+    the workers load their models, the first job's upload does not wait for it.
+    """
+    import io
+
+    from minio import Minio
+    from minio.error import S3Error
+
+    client = Minio(server.endpoint, access_key=server.access_key, secret_key=server.secret_key, secure=False)
+    try:
+        client.make_bucket(bucket)
+    except S3Error as error:
+        if error.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise
+    name = ".imagebus-warm-up"
+    client.put_object(bucket, name, io.BytesIO(b"warm"), length=4)
+    client.remove_object(bucket, name)

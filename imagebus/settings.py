@@ -34,6 +34,10 @@ class _RoleSettings(BaseSettings):
     )
     # The service name on this role's spans (default imagebus-<role>).
     service_name: str | None = Field(None, validation_alias=AliasChoices("OTEL_SERVICE_NAME", "service_name"))
+    # A file this role writes once it can take work (a worker: its models loaded and its bus and
+    # store reached), so whoever started it knows when (`imagebus up` waits on it before its banner;
+    # a supervisor or a startup probe can test for it too). Unset: nothing is written.
+    ready_file: Path | None = Field(None, validation_alias=AliasChoices("IMAGEBUS_READY_FILE", "ready_file"))
 
 
 class _BusMixin(BaseSettings):
@@ -219,3 +223,6 @@ class LauncherSettings(_RoleSettings):
 
     api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("IMAGEBUS_API_KEY", "api_key"))
     default_model: str | None = Field(None, validation_alias=AliasChoices("IMAGEBUS_MODEL", "default_model"))
+    # How long every role gets to say it is ready (a worker loads its default model first, which for
+    # a hub model may mean a download) before `imagebus up` gives up.
+    ready_timeout_s: float = Field(900.0, gt=0)
