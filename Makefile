@@ -46,6 +46,7 @@ bench: install
 	$(PY) bench/rate_limit.py
 	$(PY) bench/vs_litserve.py
 	$(PY) bench/control_plane.py --profile .imagebus/bench-profile
+	$(PY) bench/cold_start.py
 
 # The long reliability runs behind docs/reliability.md (several minutes each).
 bench-reliability: install services
