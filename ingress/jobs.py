@@ -17,6 +17,7 @@ from ingress.config import QuotaLimits
 from ingress.errors import ApiError
 from ingress.links import LinkSigner
 from ingress.live import LiveProgress
+from ingress.presigned import PresignedUrls
 from projector.queries import day_start
 from projector.readside import ImageRecord, JobRecord, ReadModel
 from schemas import (
@@ -188,6 +189,7 @@ class JobService:
         self._catalog = catalog
         self._quota = quota
         self.signer = signer
+        self._presigned = PresignedUrls(store)
         # Live steps of running jobs (never in the read model), laid over what it says.
         self.progress = LiveProgress() if progress is None else progress
         # Per queue: when the broker was last asked for its depth, and the depth since counted up.
@@ -368,7 +370,7 @@ class JobService:
         expired = image.state == "expired" or image.expires_at <= now
         return ImageView(
             id=image.id,
-            url=None if expired else self._store.presigned_get_url(image.object_key, image.expires_at, now),
+            url=None if expired else self._presigned.get(image.object_key, image.expires_at, now),
             download_url=f"/api/images/{image.id}",
             file_url=self.signer.file_url(image.id, image.content_type),
             thumb_url=self.signer.thumb_url(image.id),

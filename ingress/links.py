@@ -16,9 +16,14 @@ LinkKind = Literal["file", "thumb"]
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
+# Links minted and remembered at once: every status poll shows the same ones again.
+_MINTED = 10_000
+
+
 class LinkSigner:
     def __init__(self, secret: str) -> None:
         self._secret = b"imagebus-links:" + secret.encode()
+        self._minted: dict[tuple[LinkKind, str], str] = {}
 
     def signature(self, kind: LinkKind, image_id: str) -> str:
         return hmac.new(self._secret, f"{kind}:{image_id}".encode(), hashlib.sha256).hexdigest()[:32]
@@ -28,7 +33,16 @@ class LinkSigner:
 
     def file_url(self, image_id: str, content_type: str = "image/png") -> str:
         extension = _EXTENSIONS.get(content_type, "png")
-        return f"/files/{image_id}.{extension}?sig={self.signature('file', image_id)}"
+        return f"/files/{image_id}.{extension}?sig={self._remembered('file', image_id)}"
 
     def thumb_url(self, image_id: str) -> str:
-        return f"/files/thumbs/{image_id}.jpg?sig={self.signature('thumb', image_id)}"
+        return f"/files/thumbs/{image_id}.jpg?sig={self._remembered('thumb', image_id)}"
+
+    def _remembered(self, kind: LinkKind, image_id: str) -> str:
+        # Only for links we mint (ids of real images), never for ones presented to verify.
+        signature = self._minted.get((kind, image_id))
+        if signature is None:
+            if len(self._minted) >= _MINTED:
+                self._minted.clear()
+            signature = self._minted[(kind, image_id)] = self.signature(kind, image_id)
+        return signature
