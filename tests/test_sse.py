@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
+from schemas import JobCanceled, terminal_message_id
 from storage.object_store import S3Config
 from tests.stack import KEY_BOB, auth, running_stack, served
 from workers.backends.base import Backend
@@ -62,3 +66,44 @@ async def test_a_job_stream_shows_position_steps_previews_and_one_terminal_event
 
         status, error = await _stream(replica, second, auth(KEY_BOB))
         assert status == 404 and error[0]["status"] == "error"
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The stream's events as they arrive (comments skipped)."""
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif not line and data:
+            yield json.loads("\n".join(data))
+            data = []
+
+
+async def test_a_pending_stream_follows_its_position_and_ends_once(
+    storage_config: S3Config, tiny_backend: Backend, tmp_path: Any
+) -> None:
+    # No worker: both jobs stay pending until their ends are announced on the bus, as a worker
+    # dropping a canceled command would. The stream's positions come from the process's one timer.
+    async with (
+        running_stack(
+            f"memory://{uuid.uuid4().hex}", storage_config, f"sqlite:///{tmp_path}/rm.db", tiny_backend, workers=0
+        ) as stack,
+        served(stack.config) as replica,
+        asyncio.timeout(60),
+    ):
+        body = {"prompt": "p", "width": 64, "height": 64, "num_inference_steps": 2}
+        ahead = (await stack.client.post("/api/generate", json=body, headers=auth())).json()["job_id"]
+        mine = (await stack.client.post("/api/generate", json=body, headers=auth())).json()["job_id"]
+
+        async with replica.stream("GET", f"/api/sse/{mine}", headers=auth()) as response:
+            events = sse_events(response)
+            assert await anext(events) == {"status": "pending", "position": 1}
+
+            await stack.bus.publish_event(JobCanceled(job_id=ahead, reason="r", message_id=terminal_message_id(ahead)))
+            assert await anext(events) == {"status": "pending", "position": 0}
+
+            await stack.bus.publish_event(JobCanceled(job_id=mine, reason="r", message_id=terminal_message_id(mine)))
+            rest = [event async for event in events]
+
+        assert [event["status"] for event in rest] == ["canceled"]
+        assert rest[0]["id"] == mine
