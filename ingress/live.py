@@ -27,7 +27,6 @@ from schemas import (
     JobProgress,
     JobRequeued,
     JobStatus,
-    JobSucceeded,
 )
 
 log = structlog.get_logger(__name__)
@@ -65,8 +64,8 @@ class _Step:
 
 
 class LiveProgress:
-    """The latest step of each running job heard of, bounded (the least recently advanced job is
-    forgotten first); forgotten when the job completes or is requeued."""
+    """The latest step of each job heard of, bounded (the least recently advanced job is forgotten
+    first); forgotten when the job is requeued."""
 
     def __init__(self, max_jobs: int = MAX_TRACKED_JOBS) -> None:
         self._max_jobs = max_jobs
@@ -83,9 +82,10 @@ class LiveProgress:
                 self._steps.move_to_end(event.job_id)
                 if len(self._steps) > self._max_jobs:
                     self._steps.popitem(last=False)
-            case JobSucceeded() | JobRequeued():
-                # A completed job shows all its steps; a requeued one starts over, its attempts
-                # counted from 1 again. A failed or canceled one keeps the step it stopped at.
+            case JobRequeued():
+                # It starts over, its attempts counted from 1 again. An ended job keeps its step:
+                # the bus runs ahead of the read model, which may show it processing a moment
+                # longer (and a failed or canceled one shows the step it stopped at).
                 self._steps.pop(event.job_id, None)
 
     def overlay(self, job: JobRecord) -> JobRecord:
