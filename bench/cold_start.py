@@ -12,9 +12,11 @@ against the floor of any diffusers service on this machine:
 
 Runs are interleaved (bare, then each code tree in turn, per repeat) so a busy moment of the
 machine hits all of them; the per-repeat ratios still swing when other work comes and goes within
-a repeat, so the ratio of the fastest runs is printed too. `--code DIR` runs the stack of another checkout of imagebus (e.g.
-`git worktree add /tmp/old-cold HEAD` before a change): its `python -m imagebus` is run with
-that folder first on the path; the bare build always uses this checkout.
+a repeat, so the ratio of the fastest runs is printed too.
+
+`--code DIR` runs the stack of another checkout of imagebus (e.g. `git worktree add /tmp/old-cold
+HEAD` before a change): its `python -m imagebus` is run with that folder first on the path; the
+bare build always uses this checkout.
 
 Usage: python bench/cold_start.py [--repeats 3] [--code /tmp/old-cold --code .]
 """
