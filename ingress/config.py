@@ -36,6 +36,9 @@ class RateLimits:
     requests_per_ip: int = 1200
     # Every replica must use the same window: the counters they share are kept per window.
     window_s: int = 60
+    # How stale a replica's view of the shared counts may be when it admits a request: the
+    # counts it admitted are added, and the others' read, at most this often (0: every request).
+    sync_interval_s: float = 0.1
     # Proxies in front of the ingress that append to X-Forwarded-For; the client address is the
     # entry this many from the right. 0: never trust the header (a client could write anything).
     trusted_proxy_hops: int = 0

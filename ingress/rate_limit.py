@@ -1,21 +1,27 @@
-"""Request rate limits per API key and per client address, counted in the database replicas share.
+"""Request rate limits per API key and per client address: decided in process, shared by replicas.
 
 Fixed windows: each subject ("key:<HMAC of the key>", "ip:<address>") has one row in
-``rate_limit_counters`` holding its current window and the requests counted in it. A request
-bumps all its subjects in one upsert that returns the new counts, so replicas never read and
-then write, and any number of them enforce one limit together. Every limited answer carries the
-IETF draft's RateLimit-Policy and RateLimit fields; over a limit it is a 429 with Retry-After.
+``rate_limit_counters`` holding its current window and the requests counted in it. Each replica
+decides alone, on the shared count it last read plus what it admitted since. A request over a
+limit adds to no count; refused on what the replica already knows, it costs no I/O at all.
+A replica reads a subject's shared count again before admitting a request when its reading is
+older than ``sync_interval_s``, and adds what it admitted to the shared rows (one upsert for all
+its subjects, returning their totals) at most that often. So one replica is exact, and with
+several a window admits at most the limit plus what the other replicas admitted to that subject
+in the last interval before they read the total. Every limited answer carries the IETF draft's
+RateLimit-Policy and RateLimit fields; over a limit it is a 429 with Retry-After.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import hmac
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -82,8 +88,25 @@ class Usage:
         return self.count > self.policy.quota
 
 
+@dataclass
+class _Count:
+    """One subject's count in this replica, for one window."""
+
+    window_start: int
+    # The shared count the store last returned (this replica's synced requests included)...
+    shared: int = 0
+    # ...and when (monotonic; never yet in this window: -inf).
+    read_at: float = -math.inf
+    # Admitted here since, not yet added to the shared row.
+    unsynced: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.shared + self.unsynced
+
+
 class RateLimiter:
-    """Counts requests against the shared counters; owns the database handle they live in."""
+    """Counts requests in process and syncs the counts with the shared rows; owns their database handle."""
 
     def __init__(self, config: IngressConfig) -> None:
         self.limits = limits = config.rate_limits
@@ -92,6 +115,11 @@ class RateLimiter:
         self._database: Database | None = None
         self._key_policy = Policy("key", limits.requests_per_key, limits.window_s, "per API key")
         self._ip_policy = Policy("ip", limits.requests_per_ip, limits.window_s, "per client address")
+        self._counts: dict[str, _Count] = {}
+        # One sync at a time; a request waiting for one may find that another already read its count.
+        self._sync_lock = asyncio.Lock()
+        self._flusher: asyncio.Task[None] | None = None
+        self._synced_at = -math.inf
         self._store_down_until = 0.0
         self._pruned_window = -1
         # Transactions given up on after STORE_TIMEOUT_S still run to their end; held until then.
@@ -112,27 +140,118 @@ class RateLimiter:
         try:
             yield
         finally:
+            flusher, self._flusher = self._flusher, None
+            if flusher is not None:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
+            await self.sync()  # what was admitted since the last sync
             database, self._database = self._database, None
             await database.dispose()
 
     async def count(self, scope: Scope) -> list[Usage]:
-        """Count the request against its buckets; empty when no limit applies or the store failed."""
+        """Count the request against its subjects, unless it is over a limit (then it counts
+        nowhere); empty when no limit applies."""
         buckets = self._buckets(scope)
         if not buckets:
             return []
-        now = time.time()
         window_s = self.limits.window_s
-        window_start = int(now // window_s) * window_s
-        counted = await self._bump([bucket for _, bucket in buckets], window_start)
-        if counted is None:
-            return []
-        usages = []
-        for policy, bucket in buckets:
-            count, counted_window = counted[bucket]
-            # A replica whose clock runs ahead may have opened the window a little early.
-            resets_in = min(window_s, max(1, math.ceil(counted_window + window_s - now)))
-            usages.append(Usage(policy, count, resets_in))
+        window_start = int(time.time() // window_s) * window_s
+        counts = [self._count_of(bucket, window_start) for _, bucket in buckets]
+        usages = self._usages(buckets, counts, window_start)
+        if any(usage.exceeded for usage in usages):
+            return usages  # refused on what this replica knows: no I/O, nothing counted
+        stale_before = time.monotonic() - self.limits.sync_interval_s
+        if any(count.read_at <= stale_before for count in counts):
+            # What the other replicas counted since this one last looked (at most every interval).
+            await self._refresh(bucket for _, bucket in buckets)
+            usages = self._usages(buckets, counts, window_start)
+            if any(usage.exceeded for usage in usages):
+                return usages
+        for count in counts:
+            count.unsynced += 1
+        if self._flusher is None and self._database is not None:
+            self._flusher = asyncio.create_task(self._flush(), name="rate-limit-flush")
         return usages
+
+    async def sync(self) -> None:
+        """Add what this replica admitted to the shared rows now, and read back their totals."""
+        async with self._sync_lock:
+            await self._sync_now(())
+
+    def _usages(self, buckets: list[tuple[Policy, str]], counts: list[_Count], window_start: int) -> list[Usage]:
+        window_s = self.limits.window_s
+        resets_in = min(window_s, max(1, math.ceil(window_start + window_s - time.time())))
+        return [Usage(policy, count.total + 1, resets_in) for (policy, _), count in zip(buckets, counts, strict=True)]
+
+    def _count_of(self, bucket: str, window_start: int) -> _Count:
+        count = self._counts.get(bucket)
+        if count is None or count.window_start < window_start:
+            # A new window counts from zero; what the last one admitted but never synced is moot.
+            count = self._counts[bucket] = _Count(window_start)
+        return count
+
+    async def _refresh(self, buckets: Iterable[str]) -> None:
+        asked_at = time.monotonic()
+        async with self._sync_lock:
+            # Read by a sync that started after this request asked: nothing newer to learn.
+            stale = [bucket for bucket in buckets if (count := self._counts.get(bucket)) and count.read_at < asked_at]
+            if stale:
+                await self._sync_now(stale)
+
+    async def _flush(self) -> None:
+        """Sync what was admitted, at most every interval, until nothing is left unsynced."""
+        try:
+            while any(count.unsynced for count in self._counts.values()):
+                due = max(self._synced_at + self.limits.sync_interval_s, self._store_down_until)
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                await self.sync()
+        finally:
+            self._flusher = None
+
+    async def _sync_now(self, unread: Iterable[str]) -> None:
+        database = self._database
+        if database is None or time.monotonic() < self._store_down_until:
+            return
+        window_start = int(time.time() // self.limits.window_s) * self.limits.window_s
+        # Subjects of windows gone by are dead weight, here and in the store.
+        self._counts = {bucket: count for bucket, count in self._counts.items() if count.window_start >= window_start}
+        taken = {bucket: count.unsynced for bucket, count in self._counts.items() if count.unsynced}
+        to_read = sorted({bucket for bucket in unread if bucket in self._counts and bucket not in taken})
+        if not taken and not to_read:
+            return
+        # Once per window each replica clears the store's rows of past windows along with a sync.
+        prune = window_start > self._pruned_window
+        self._pruned_window = max(self._pruned_window, window_start)
+        self._synced_at = started = time.monotonic()
+        for bucket, n in taken.items():
+            # Taken out now: requests admitted during the transaction go in the next one.
+            self._counts[bucket].unsynced -= n
+        work = functools.partial(_sync_counts, added=taken, unread=to_read, window_start=window_start, prune=prune)
+        transaction = asyncio.ensure_future(database.write(work))
+        done, _ = await asyncio.wait({transaction}, timeout=STORE_TIMEOUT_S)
+        try:
+            if not done:
+                raise TimeoutError(f"no answer from the counter store in {STORE_TIMEOUT_S} s")
+            shared = transaction.result()
+        except Exception as error:
+            # Fail open to the local counts: each replica still limits what it sees, but refusing
+            # every request because the shared bookkeeping is down would make an outage total.
+            self._store_down_until = time.monotonic() + STORE_RETRY_S
+            log.warning("rate_limit.store_unavailable", error=repr(error), local_only_for_s=STORE_RETRY_S)
+            for bucket, n in taken.items():
+                # Still counted here, never sent again: a transaction given up on may yet commit,
+                # and a count missing from the store is better than one counted twice.
+                if (count := self._counts.get(bucket)) is not None:
+                    count.shared += n
+            if not done:
+                self._abandoned.add(transaction)
+                transaction.add_done_callback(self._forget)
+            return
+        for bucket, total in shared.items():
+            count = self._counts.get(bucket)
+            if count is not None:
+                count.shared, count.read_at = total, started
 
     def _buckets(self, scope: Scope) -> list[tuple[Policy, str]]:
         # Key before address, always: on PostgreSQL every upsert then locks its rows in the same
@@ -147,32 +266,6 @@ class RateLimiter:
             address = client_address(scope, self.limits.trusted_proxy_hops)
             buckets.append((self._ip_policy, f"ip:{address[:_MAX_ADDRESS_CHARS]}"))
         return buckets
-
-    async def _bump(self, buckets: list[str], window_start: int) -> dict[str, tuple[int, int]] | None:
-        database = self._database
-        if database is None or time.monotonic() < self._store_down_until:
-            return None
-        # Rows of past windows are dead weight (every address ever seen); once per window each
-        # replica clears them along with its count.
-        prune = window_start > self._pruned_window
-        self._pruned_window = max(self._pruned_window, window_start)
-        transaction = asyncio.ensure_future(
-            database.write(functools.partial(_bump_counters, buckets=buckets, window_start=window_start, prune=prune))
-        )
-        done, _ = await asyncio.wait({transaction}, timeout=STORE_TIMEOUT_S)
-        try:
-            if not done:
-                raise TimeoutError(f"no answer from the counter store in {STORE_TIMEOUT_S} s")
-            return transaction.result()
-        except Exception as error:
-            # Fail open: the limits protect the service from abuse, but refusing every request
-            # because their bookkeeping is down would turn a database outage into a total one.
-            self._store_down_until = time.monotonic() + STORE_RETRY_S
-            log.warning("rate_limit.store_unavailable", error=repr(error), unlimited_for_s=STORE_RETRY_S)
-            if not done:
-                self._abandoned.add(transaction)
-                transaction.add_done_callback(self._forget)
-            return None
 
     def _forget(self, transaction: asyncio.Future[Any]) -> None:
         self._abandoned.discard(transaction)
@@ -256,33 +349,43 @@ def _always(_scope: Scope) -> bool:
     return True
 
 
-def _bump_counters(
-    conn: Connection, *, buckets: list[str], window_start: int, prune: bool
-) -> dict[str, tuple[int, int]]:
-    # Several parameter sets of one INSERT ... RETURNING go out as a single multi-row statement
-    # (SQLAlchemy's "insertmanyvalues"), one round trip, and keep VALUES in the order given.
-    rows = [{"bucket": bucket, "window_start": window_start, "count": 1} for bucket in buckets]
-    counted = {row[0]: (row[1], row[2]) for row in conn.execute(_bump_statement(conn.dialect.name), rows)}
+def _sync_counts(
+    conn: Connection, *, added: dict[str, int], unread: list[str], window_start: int, prune: bool
+) -> dict[str, int]:
+    """Add counts to the shared rows and read others; returns each subject's shared count."""
+    shared: dict[str, int] = {}
+    if added:
+        # Sorted: on PostgreSQL every sync then locks its rows in one order, so two replicas
+        # cannot deadlock. Several parameter sets of one INSERT ... RETURNING go out as one
+        # multi-row statement (SQLAlchemy's "insertmanyvalues"), one round trip.
+        rows = [{"bucket": bucket, "window_start": window_start, "count": added[bucket]} for bucket in sorted(added)]
+        shared.update((row[0], row[1]) for row in conn.execute(_add_statement(conn.dialect.name), rows))
+    if unread:
+        # No row yet: nothing counted.
+        shared.update(dict.fromkeys(unread, 0))
+        for bucket, count, counted_window in conn.execute(_READ, {"buckets": unread}):
+            # A row of a window gone by counts nothing in this one.
+            shared[bucket] = count if counted_window >= window_start else 0
     if prune:
         conn.execute(_PRUNE, {"before": window_start})
-    return counted
+    return shared
 
 
 # Built once per dialect: constructing the upsert costs more than running it. One row's VALUES,
 # not a multi-row values() (SQLAlchemy cannot cache that, and compiled it anew on every request).
 @functools.cache
-def _bump_statement(dialect: str) -> Executable:
+def _add_statement(dialect: str) -> Executable:
     table = rate_limit_counters
     # ON CONFLICT exists on both databases but only behind their own insert() constructs.
     insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
-    # A later window starts the count again. An earlier one (a replica whose clock is behind)
-    # counts into the row's window instead of resetting it, so skewed clocks cannot take turns
-    # wiping each other's counts.
+    # A later window starts the count again, at what this replica admitted. An earlier one (a
+    # replica whose clock is behind) counts into the row's window instead of resetting it, so
+    # skewed clocks cannot take turns wiping each other's counts.
     newer_window = insert.excluded.window_start > table.c.window_start
     upsert = insert.on_conflict_do_update(
         index_elements=[table.c.bucket],
         set_={
-            "count": case((newer_window, 1), else_=table.c["count"] + 1),
+            "count": case((newer_window, insert.excluded["count"]), else_=table.c["count"] + insert.excluded["count"]),
             "window_start": case((newer_window, insert.excluded.window_start), else_=table.c.window_start),
         },
     ).returning(table.c.bucket, table.c["count"], table.c.window_start)
@@ -293,6 +396,10 @@ def _bump_statement(dialect: str) -> Executable:
         upsert = upsert.returning(func.set_config("synchronous_commit", "off", True))
     return upsert
 
+
+_READ = select(rate_limit_counters.c.bucket, rate_limit_counters.c["count"], rate_limit_counters.c.window_start).where(
+    rate_limit_counters.c.bucket.in_(bindparam("buckets", expanding=True))
+)
 
 # SKIP LOCKED (PostgreSQL; SQLite has one writer and no row locks): rows that an in-flight count is
 # reviving are left for the next prune, so pruning never waits on a count and cannot deadlock one.

@@ -3,11 +3,15 @@
 Each replica is an app of its own (its own database handle, bus connection and limiter) over the
 same database, as two ingress processes would be. The Litestar test client calls from the address
 "testclient", so every request here comes from one client unless X-Forwarded-For is trusted.
+Replicas read each other's counts at most every ``sync_interval_s``: the tests that count across
+replicas set it to 0 and let each replica sync after its request (``sent``), as time would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,12 +20,13 @@ from typing import Any
 
 import httpx
 from litestar.testing import AsyncTestClient
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, Engine, event, select, text
 
 from bus import BusOptions
 from imagebus.catalog import load_catalog
 from ingress.app import create_app
 from ingress.config import IngressConfig, RateLimits
+from ingress.rate_limit import RateLimiter, RateLimitMiddleware
 from projector.database import create_database
 from projector.tables import rate_limit_counters
 from storage.object_store import S3Config
@@ -47,6 +52,18 @@ async def replicas(
     )
     async with AsyncExitStack() as stack:
         yield [await stack.enter_async_context(AsyncTestClient(create_app(config))) for _ in range(count)]
+
+
+def limiter_of(replica: AsyncTestClient[Any]) -> RateLimiter:
+    return next(layer.limiter for layer in replica.app.middleware if isinstance(layer, RateLimitMiddleware))
+
+
+async def sent(replica: AsyncTestClient[Any], path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    """GET ``path``, then let the replica add what it counted to the shared rows."""
+    response = await replica.get(path, headers=headers)
+    # The app runs in the test client's own thread and event loop: the sync must run there.
+    await asyncio.to_thread(replica.blocking_portal.call, limiter_of(replica).sync)
+    return response
 
 
 def seconds_left(window_s: int) -> float:
@@ -83,20 +100,20 @@ async def counters(database_url: str) -> dict[str, int]:
 async def test_replicas_enforce_one_limit_per_key_together(
     nats_url: str, storage_config: S3Config, database_url: str
 ) -> None:
-    limits = RateLimits(requests_per_key=5, requests_per_ip=0, window_s=HOUR)
+    limits = RateLimits(requests_per_key=5, requests_per_ip=0, window_s=HOUR, sync_interval_s=0)
     async with replicas(nats_url, storage_config, database_url, limits) as (a, b):
         await fresh_window(HOUR, needed_s=30)
-        for sent in range(1, 6):
-            replica = a if sent % 2 else b
-            response = await replica.get("/api/models", headers=auth(KEY_ALICE))
+        for count in range(1, 6):
+            replica = a if count % 2 else b
+            response = await sent(replica, "/api/models", headers=auth(KEY_ALICE))
             assert response.status_code == 200, response.text
             # The IP limit is off (0): only the key's policy is announced.
             assert response.headers["RateLimit-Policy"] == f'"key";q=5;w={HOUR}'
             name, remaining, reset = rate_limit(response)
-            assert (name, remaining) == ("key", 5 - sent)
+            assert (name, remaining) == ("key", 5 - count)
             assert abs(reset - seconds_left(HOUR)) <= 1.5, reset
 
-        refused = await b.get("/api/models", headers=auth(KEY_ALICE))
+        refused = await sent(b, "/api/models", headers=auth(KEY_ALICE))
         body = assert_json_error(refused, 429)
         assert body["status"] == "error"
         retry_after = int(refused.headers["Retry-After"])
@@ -107,59 +124,59 @@ async def test_replicas_enforce_one_limit_per_key_together(
         assert rate_limit(refused) == ("key", 0, retry_after)
         assert refused.headers["RateLimit-Policy"] == f'"key";q=5;w={HOUR}'
         # Refused on the other replica too, whichever route; another key is untouched.
-        assert (await a.get("/api/quota", headers=auth(KEY_ALICE))).status_code == 429
-        bob = await a.get("/api/models", headers={"Authorization": f"Bearer {KEY_BOB}"})
+        assert (await sent(a, "/api/quota", headers=auth(KEY_ALICE))).status_code == 429
+        bob = await sent(a, "/api/models", headers={"Authorization": f"Bearer {KEY_BOB}"})
         assert bob.status_code == 200 and rate_limit(bob)[1] == 4
 
-    # The table holds digests of the keys, never the keys.
+    # The table holds digests of the keys, never the keys; refused requests counted nowhere.
     buckets = await counters(database_url)
-    assert sorted(buckets.values()) == [1, 7]
+    assert sorted(buckets.values()) == [1, 5]
     assert all(bucket.startswith("key:") and KEY_ALICE not in bucket for bucket in buckets)
 
 
 async def test_the_address_limit_catches_requests_spread_over_keys(
     nats_url: str, storage_config: S3Config, database_url: str
 ) -> None:
-    limits = RateLimits(requests_per_key=100, requests_per_ip=4, window_s=HOUR)
+    limits = RateLimits(requests_per_key=100, requests_per_ip=4, window_s=HOUR, sync_interval_s=0)
     async with replicas(nats_url, storage_config, database_url, limits) as (a, b):
         await fresh_window(HOUR, needed_s=30)
-        keyed = await a.get("/api/models", headers=auth(KEY_ALICE))
+        keyed = await sent(a, "/api/models", headers=auth(KEY_ALICE))
         assert keyed.headers["RateLimit-Policy"] == f'"key";q=100;w={HOUR}, "ip";q=4;w={HOUR}'
         assert rate_limit(keyed)[:2] == ("ip", 3)
-        assert (await b.get("/api/models", headers=auth(KEY_BOB))).status_code == 200
+        assert (await sent(b, "/api/models", headers=auth(KEY_BOB))).status_code == 200
         # Keyless, and a key no one issued: counted against the address alone, and still counted.
-        keyless = await a.get("/api/models")
+        keyless = await sent(a, "/api/models")
         assert keyless.status_code == 200
         assert keyless.headers["RateLimit-Policy"] == f'"ip";q=4;w={HOUR}'
         assert rate_limit(keyless)[:2] == ("ip", 1)
-        assert (await b.get("/api/quota", headers=auth("not-a-key"))).status_code == 401
+        assert (await sent(b, "/api/quota", headers=auth("not-a-key"))).status_code == 401
 
-        refused = await a.get("/api/models", headers=auth("yet-another-key"))
+        refused = await sent(a, "/api/models", headers=auth("yet-another-key"))
         body = assert_json_error(refused, 429)
         assert body["message"].startswith(f"rate limit exceeded: 4 requests per {HOUR} s per client address;")
         assert rate_limit(refused)[:2] == ("ip", 0)
-        assert (await b.get("/api/models", headers=auth(KEY_BOB))).status_code == 429
+        assert (await sent(b, "/api/models", headers=auth(KEY_BOB))).status_code == 429
 
 
 async def test_after_retry_after_a_request_succeeds_again_and_old_windows_are_pruned(
     nats_url: str, storage_config: S3Config, database_url: str
 ) -> None:
-    limits = RateLimits(requests_per_key=2, requests_per_ip=0, window_s=2)
+    limits = RateLimits(requests_per_key=2, requests_per_ip=0, window_s=2, sync_interval_s=0)
     async with replicas(nats_url, storage_config, database_url, limits) as (a, b):
         await fresh_window(2, needed_s=1)
-        assert (await a.get("/api/models", headers=auth(KEY_BOB))).status_code == 200
-        assert (await a.get("/api/models", headers=auth(KEY_ALICE))).status_code == 200
-        assert (await b.get("/api/models", headers=auth(KEY_ALICE))).status_code == 200
-        refused = await a.get("/api/models", headers=auth(KEY_ALICE))
+        assert (await sent(a, "/api/models", headers=auth(KEY_BOB))).status_code == 200
+        assert (await sent(a, "/api/models", headers=auth(KEY_ALICE))).status_code == 200
+        assert (await sent(b, "/api/models", headers=auth(KEY_ALICE))).status_code == 200
+        refused = await sent(a, "/api/models", headers=auth(KEY_ALICE))
         assert refused.status_code == 429
         retry_after = int(refused.headers["Retry-After"])
         assert 1 <= retry_after <= 2
 
         await asyncio.sleep(retry_after)
-        again = await a.get("/api/models", headers=auth(KEY_ALICE))
+        again = await sent(a, "/api/models", headers=auth(KEY_ALICE))
         assert again.status_code == 200, again.text
         assert rate_limit(again)[1] == 1
-        # The first count of a window on replica a cleared the rows of windows gone by: Bob's.
+        # The first sync of a window on replica a cleared the rows of windows gone by: Bob's.
         assert list((await counters(database_url)).values()) == [1]
 
 
@@ -185,7 +202,7 @@ async def test_health_and_preflights_are_never_limited(
             health = await client.get("/health", headers=auth(KEY_ALICE))
             assert health.status_code == 200 and "RateLimit" not in health.headers
             assert (await client.options("/api/models", headers=auth(KEY_ALICE))).status_code < 400
-    assert list((await counters(database_url)).values()) == [2]
+    assert list((await counters(database_url)).values()) == [1]
 
 
 def forwarded_for(*addresses: str) -> dict[str, str]:
@@ -206,7 +223,7 @@ async def test_behind_one_trusted_proxy_the_address_it_appended_counts(
         assert (await client.get("/api/models", headers=spoofed)).status_code == 429
         # No header where one is expected: the peer's own address.
         assert (await client.get("/api/models")).status_code == 200
-    assert await counters(database_url) == {"ip:198.51.100.7": 2, "ip:203.0.113.9": 1, "ip:testclient": 1}
+    assert await counters(database_url) == {"ip:198.51.100.7": 1, "ip:203.0.113.9": 1, "ip:testclient": 1}
 
 
 async def test_with_no_trusted_proxy_x_forwarded_for_is_ignored(
@@ -217,10 +234,10 @@ async def test_with_no_trusted_proxy_x_forwarded_for_is_ignored(
         await fresh_window(HOUR, needed_s=30)
         assert (await client.get("/api/models", headers=forwarded_for("192.0.2.1"))).status_code == 200
         assert (await client.get("/api/models", headers=forwarded_for("192.0.2.2"))).status_code == 429
-    assert await counters(database_url) == {"ip:testclient": 2}
+    assert await counters(database_url) == {"ip:testclient": 1}
 
 
-async def test_a_failing_counter_store_lets_requests_through(
+async def test_a_failing_counter_store_leaves_each_replica_limiting_on_its_own_counts(
     nats_url: str, storage_config: S3Config, database_url: str
 ) -> None:
     limits = RateLimits(requests_per_key=1, requests_per_ip=0, window_s=HOUR)
@@ -233,7 +250,54 @@ async def test_a_failing_counter_store_lets_requests_through(
             await database.write(lambda conn: conn.execute(text("DROP TABLE rate_limit_counters")))
         finally:
             await database.dispose()
-        for _ in range(3):
-            response = await client.get("/api/models", headers=auth(KEY_ALICE))
-            assert response.status_code == 200, response.text
-            assert "RateLimit" not in response.headers
+        # Nothing fails for it; a key this replica already counted stays refused, a new one is
+        # counted here alone.
+        assert (await client.get("/api/models", headers=auth(KEY_ALICE))).status_code == 429
+        first = await client.get("/api/models", headers=auth(KEY_BOB))
+        assert first.status_code == 200, first.text
+        assert rate_limit(first)[:2] == ("key", 0)
+        assert (await client.get("/api/models", headers=auth(KEY_BOB))).status_code == 429
+
+
+async def test_a_refused_request_writes_nothing(nats_url: str, storage_config: S3Config, database_url: str) -> None:
+    limits = RateLimits(requests_per_key=2, requests_per_ip=2, window_s=HOUR, sync_interval_s=0)
+    async with replicas(nats_url, storage_config, database_url, limits, count=1) as (client,):
+        await fresh_window(HOUR, needed_s=30)
+        for _ in range(2):
+            assert (await sent(client, "/api/models", headers=auth(KEY_ALICE))).status_code == 200
+        before = await counters(database_url)
+        statements: list[str] = []
+
+        def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            statements.append(statement)
+
+        # Every engine in this process: the limiter's, the read model's, SQLite's or PostgreSQL's.
+        event.listen(Engine, "before_cursor_execute", record)
+        try:
+            for headers in (auth(KEY_ALICE), auth(KEY_ALICE), auth(KEY_BOB), None):
+                refused = await client.get("/api/models", headers=headers)
+                assert_json_error(refused, 429)
+        finally:
+            event.remove(Engine, "before_cursor_execute", record)
+        assert statements == []
+        assert await counters(database_url) == before
+    # Nor after: the replica had nothing left to add when it stopped.
+    assert await counters(database_url) == before == {"key:" + digest_of(KEY_ALICE): 2, "ip:testclient": 2}
+
+
+def digest_of(key: str) -> str:
+    return hmac.new(b"test-secret", key.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+async def test_between_syncs_each_replica_admits_at_most_the_limit(
+    nats_url: str, storage_config: S3Config, database_url: str
+) -> None:
+    """The bound the README gives: a replica that has not read the others' counts since they
+    counted admits what it knows to be under the limit, never more."""
+    limits = RateLimits(requests_per_key=3, requests_per_ip=0, window_s=HOUR, sync_interval_s=HOUR)
+    async with replicas(nats_url, storage_config, database_url, limits) as (a, b):
+        await fresh_window(HOUR, needed_s=30)
+        for replica in (a, b):
+            answers = [(await replica.get("/api/models", headers=auth(KEY_ALICE))).status_code for _ in range(5)]
+            assert answers == [200, 200, 200, 429, 429]
+    assert list((await counters(database_url)).values()) == [6]
