@@ -20,6 +20,9 @@ counts the images whose bytes reached a client in it, after a warm-up; in-flight
 before the next window starts. CPU per image is from /proc/<pid>/stat over the same window.
 
 The ingress's rate limits and quotas are set high (counted, never reached), the rest as shipped.
+Both model processes run with OMP_WAIT_POLICY=PASSIVE (--omp-wait-policy): on a machine whose
+cores are shared, OpenMP threads spinning at torch's barriers while their partner waits for a core
+made the same call up to 7x slower, on both sides alike, and the figures noise.
 
 Usage: python bench/vs_litserve.py [--seconds 15] [--warmup-s 3] [--repeats 3] [--concurrency 8 32]
 """
@@ -112,11 +115,11 @@ def serve_litserve(port: int, batch_timeout_s: float) -> None:
 
 
 class LitServeProcess:
-    def __init__(self, batch_timeout_s: float, start_timeout_s: float = 300.0) -> None:
+    def __init__(self, batch_timeout_s: float, env: dict[str, str], start_timeout_s: float = 300.0) -> None:
         self.port = free_port()
         argv = [sys.executable, __file__, "--serve-litserve", str(self.port), "--batch-timeout-s", str(batch_timeout_s)]
         # Its own session: LitServe starts its API server and inference worker as children.
-        self.process = subprocess.Popen(argv, start_new_session=True)
+        self.process = subprocess.Popen(argv, start_new_session=True, env={**os.environ, **env})
         self.base_url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + start_timeout_s
         while time.monotonic() < deadline:
@@ -202,7 +205,10 @@ async def measure(server: Server, neighbour: Server, concurrency: int, repeat: i
         http = server.connect()
         try:
             while not stopping:
-                done += await server.one_image(http)
+                # Not `done += await ...`: that reads `done` before the wait and loses the
+                # other clients' counts made meanwhile.
+                images = await server.one_image(http)
+                done += images
         finally:
             await http.close()
 
@@ -237,7 +243,7 @@ def report(windows: list[Window], concurrencies: list[int], repeats: int) -> Non
     for repeat in range(repeats):
         for c in concurrencies:
             lit, bus = by[("LitServe", c, repeat)], by[("imagebus", c, repeat)]
-            print(f"| {repeat + 1} | {c} | {lit.rate:.1f} | {bus.rate:.1f} | {bus.rate / lit.rate:.2f}x |")
+            print(f"| {repeat + 1} | {c} | {lit.rate:.1f} | {bus.rate:.1f} | {_ratio(bus.rate, lit.rate)} |")
     print()
     print("min / median / max over the repeats (ratio: imagebus / LitServe within each repeat):")
     print()
@@ -246,8 +252,9 @@ def report(windows: list[Window], concurrencies: list[int], repeats: int) -> Non
     for c in concurrencies:
         lit_rates = [by[("LitServe", c, r)].rate for r in range(repeats)]
         bus_rates = [by[("imagebus", c, r)].rate for r in range(repeats)]
-        ratios = [b / a for a, b in zip(lit_rates, bus_rates, strict=True)]
-        print(f"| {c} | {spread(lit_rates)} | {spread(bus_rates)} | {spread(ratios, 2)} |")
+        ratios = [b / a for a, b in zip(lit_rates, bus_rates, strict=True) if a > 0]
+        ratio_cell = spread(ratios, 2) if ratios else "n/a"
+        print(f"| {c} | {spread(lit_rates)} | {spread(bus_rates)} | {ratio_cell} |")
     print()
     print("CPU-ms per image (median over the repeats); idle neighbour: the other server's CPU meanwhile, in cores")
     for name in ("LitServe", "imagebus"):
@@ -263,16 +270,21 @@ def report(windows: list[Window], concurrencies: list[int], repeats: int) -> Non
             print(f"| {c} | " + " | ".join(cells) + f" | {neighbour:.2f} |")
 
 
+def _ratio(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.2f}x" if denominator > 0 else "n/a"
+
+
 def _per_image(runs: list[Window], cpu_s: Callable[[Window], float]) -> str:
     return f"{statistics.median(cpu_s(w) * 1000 / max(w.images, 1) for w in runs):.1f}"
 
 
 async def run(args: argparse.Namespace) -> None:
-    env = {**GENEROUS_LIMITS, "IMAGEBUS_WORKER_MAX_BATCH_IMAGES": str(BATCH)}
+    both = {"OMP_WAIT_POLICY": args.omp_wait_policy} if args.omp_wait_policy else {}
+    env = {**GENEROUS_LIMITS, **both, "IMAGEBUS_WORKER_MAX_BATCH_IMAGES": str(BATCH)}
     if args.batch_linger_s is not None:
         env["IMAGEBUS_WORKER_BATCH_LINGER_S"] = str(args.batch_linger_s)
     print("starting LitServe and imagebus up ...", flush=True)
-    litserve = LitServeProcess(args.batch_timeout_s)
+    litserve = LitServeProcess(args.batch_timeout_s, both)
     stack = None
     try:
         stack = EmbeddedStack(["--backends", "diffusers", "--workers", "1", "--model", MODEL], env)
@@ -329,6 +341,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--batch-timeout-s", type=float, default=0.05, help="LitServe's batch_timeout")
     parser.add_argument("--batch-linger-s", type=float, default=None, help="imagebus's batch linger (default: shipped)")
+    parser.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY of both model processes ('' leaves it unset)",
+    )
     parser.add_argument("--serve-litserve", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_litserve is not None:
