@@ -73,6 +73,25 @@ class DirectCall:
         return time.perf_counter() - start
 
 
+STAGES = (
+    "POST answered",
+    "submit → JobQueued",
+    "JobQueued → JobStarted",
+    "JobStarted → ImageStored",
+    "ImageStored → JobSucceeded",
+    "JobSucceeded → visible",
+)
+
+
+def _stages(walls: list[float], events: dict[str, float], visible: float) -> dict[str, float]:
+    submit, answered = walls
+    at = [submit, events["JobQueued"], events["JobStarted"], events["ImageStored"], events["JobSucceeded"], visible]
+    return {
+        STAGES[0]: (answered - submit) * 1000,
+        **{name: (after - before) * 1000 for name, before, after in zip(STAGES[1:], at, at[1:], strict=True)},
+    }
+
+
 class Stack:
     """`imagebus up` in a temporary data dir, an HTTP client, and a bus connection for events."""
 
@@ -98,16 +117,25 @@ class Stack:
         self.bus_url = settings["IMAGEBUS_BUS_URL"]
         self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key}, timeout=30)
 
-    async def run_jobs(self, bus: Bus, count: int) -> list[float]:
-        """Submit ``count`` jobs at once; seconds from each submit until the API shows it completed."""
+    async def run_jobs(self, bus: Bus, count: int, stages: list[dict[str, float]] | None = None) -> list[float]:
+        """Submit ``count`` jobs at once; seconds from each submit until the API shows it completed.
+        With ``stages``, each job's milliseconds between the steps on its way (from the events'
+        own timestamps: one machine, one clock) are added to it."""
         async with bus.watch_events() as live:
             submitted: dict[str, float] = {}
+            walls: dict[str, list[float]] = {}
+            events: dict[str, dict[str, float]] = {}
             for _ in range(count):
-                start = time.perf_counter()
+                start, wall = time.perf_counter(), time.time()
                 response = await self.client.post("/api/generate", json=BODY)
-                submitted[response.json()["job_id"]] = start
+                job_id = response.json()["job_id"]
+                submitted[job_id] = start
+                walls[job_id] = [wall, time.time()]
+                events[job_id] = {}
             finished: list[str] = []
             async for event in live:
+                if event.job_id in submitted:
+                    events[event.job_id].setdefault(event.type, event.occurred_at.timestamp())
                 if event.job_id in submitted and isinstance(event, JobSucceeded | JobFailed):
                     if isinstance(event, JobFailed):
                         raise RuntimeError(f"job {event.job_id} failed: {event.error}")
@@ -120,6 +148,8 @@ class Stack:
             while (await self.client.get(f"/api/jobs/{job_id}")).json()["status"] != "completed":  # noqa: ASYNC110
                 await asyncio.sleep(0.001)
             latencies.append(time.perf_counter() - submitted[job_id])
+            if stages is not None:
+                stages.append(_stages(walls[job_id], events[job_id], time.time()))
         return latencies
 
     async def close(self) -> None:
@@ -133,9 +163,11 @@ async def measure(workers: int, jobs: int, direct: DirectCall, batch_linger_s: f
     bus = await connect_bus(stack.bus_url, BusOptions())
     try:
         await stack.run_jobs(bus, 3 * workers)  # warm up every worker (first call pays for lazy init)
-        latencies, baseline = [], []
+        latencies: list[float] = []
+        baseline: list[float] = []
+        stages: list[dict[str, float]] = []
         for _ in range(jobs):  # interleaved, so both see the same machine
-            latencies.append((await stack.run_jobs(bus, 1))[0])
+            latencies.append((await stack.run_jobs(bus, 1, stages))[0])
             # Off this loop: the direct call drives its own, which cannot run inside a running one.
             baseline.append(await asyncio.to_thread(direct.once))
         start = time.perf_counter()
@@ -149,6 +181,7 @@ async def measure(workers: int, jobs: int, direct: DirectCall, batch_linger_s: f
         "p99": percentile(latencies, 99),
         "direct_p50": percentile(baseline, 50),
         "jobs_per_s": jobs / elapsed,
+        **{name: percentile([stage[name] for stage in stages], 50) for name in STAGES},
     }
 
 
@@ -171,14 +204,23 @@ def main() -> None:
         "| jobs/s (batch of N) |"
     )
     print("|---|---|---|---|---|---|---|")
+    results = []
     for workers in args.workers:
         r = asyncio.run(measure(workers, args.jobs, direct, args.batch_linger_s))
+        results.append((workers, r))
         print(
             f"| {workers} | {r['p50'] * 1000:.1f} ms | {r['p99'] * 1000:.1f} ms | {r['direct_p50'] * 1000:.1f} ms "
             f"| {(r['p50'] - r['direct_p50']) * 1000:.1f} ms | {(r['p99'] - r['direct_p50']) * 1000:.1f} ms "
             f"| {r['jobs_per_s']:.2f} |",
             flush=True,
         )
+    print()
+    print("Where a lone job's time goes, p50 of each step (ms; JobStarted → ImageStored includes the model):")
+    print()
+    print("| workers | " + " | ".join(STAGES) + " |")
+    print("|---" * (len(STAGES) + 1) + "|")
+    for workers, r in results:
+        print(f"| {workers} | " + " | ".join(f"{r[name]:.1f}" for name in STAGES) + " |")
 
 
 if __name__ == "__main__":

@@ -490,29 +490,40 @@ class Worker:
         return publisher
 
     async def _call_backend(self, members: list[_Held], publishers: list[ProgressPublisher]) -> list[_Result]:
-        """The members' one backend call (after their JobStarted); one result per member."""
+        """The members' one backend call, beside their JobStarted; one result per member.
+
+        The model does not wait for the broker to confirm the JobStarted events (sent first on the
+        connection, they precede the job's other events); the results do: a job whose JobStarted
+        could not be published goes back to the queue, whatever the model made."""
         jobs = [
             JobRequest(job_id=held.command.job_id, params=held.command.params, on_progress=publisher, cancel=held.token)
             for held, publisher in zip(members, publishers, strict=True)
         ]
+        announcing = asyncio.gather(*(self._announce_start(held) for held in members))
+        results: list[_Result]
         try:
-            for held in members:
-                with attached(held.trace):
-                    await self._publish(
-                        JobStarted(
-                            job_id=held.command.job_id, worker_id=self._options.worker_id, attempt=held.delivery.attempt
-                        )
-                    )
-                held.last_signal_at = asyncio.get_running_loop().time()
-                held.started_at = time.monotonic()
-                waited = (datetime.now(UTC) - held.command.occurred_at).total_seconds()
-                JOB_QUEUE_SECONDS.labels(self._backend.name, held.command.params.model).observe(max(waited, 0.0))
             await self._backend.prepare(members[0].command.params.model)
             if len(members) == 1:
-                return [await self._backend.generate(jobs[0])]
-            return list(await self._backend.generate_batch(jobs))
+                results = [await self._backend.generate(jobs[0])]
+            else:
+                results = list(await self._backend.generate_batch(jobs))
+        except Exception as exc:
+            results = [exc] * len(members)
+        try:
+            await announcing
         except Exception as exc:
             return [exc] * len(members)
+        return results
+
+    async def _announce_start(self, held: _Held) -> None:
+        with attached(held.trace):
+            await self._publish(
+                JobStarted(job_id=held.command.job_id, worker_id=self._options.worker_id, attempt=held.delivery.attempt)
+            )
+        held.last_signal_at = asyncio.get_running_loop().time()
+        held.started_at = time.monotonic()
+        waited = (datetime.now(UTC) - held.command.occurred_at).total_seconds()
+        JOB_QUEUE_SECONDS.labels(self._backend.name, held.command.params.model).observe(max(waited, 0.0))
 
     async def _finish(
         self,
