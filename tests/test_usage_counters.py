@@ -8,6 +8,7 @@ insert and the projector, the counters must answer what that scan answers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
@@ -22,6 +23,7 @@ from projector.queries import Usage, select_usage
 from projector.readside import ReadModel
 from projector.service import Projector, apply_events, rebuild
 from projector.tables import jobs, metadata, owner_daily_images, owner_usage
+from projector.usage import write_jobs
 from schemas import Event, JobQueued, JobStatus
 from tests.fixtures.database import NewDatabaseUrl
 from tests.test_projector import (
@@ -29,6 +31,7 @@ from tests.test_projector import (
     T0,
     canceled,
     failed,
+    fold,
     job_story,
     new_bus,
     publish,
@@ -123,7 +126,7 @@ async def apply_in_batches(database: Database, rng: random.Random, events: list[
     cut = 0
     while cut < len(events):
         size = rng.choice([1, 2, 7, 30])
-        await database.write(lambda conn, batch=events[cut : cut + size]: apply_events(conn, batch))
+        await database.write(functools.partial(apply_events, events=events[cut : cut + size]))
         cut += size
 
 
@@ -166,6 +169,17 @@ async def test_a_job_counts_once_and_leaves_the_active_count_once(database: Data
     # Images count on the UTC day the job was created, not the day it is looked at.
     assert await read.usage("alice", today + timedelta(days=1)) == Usage(active_jobs=0, images_since=0)
     assert await read.usage("bob", today) == Usage(active_jobs=0, images_since=0)
+    await assert_counters_match_the_rows(database)
+
+
+async def test_a_pending_row_the_ingress_wrote_since_the_projector_read_counts_once(database: Database) -> None:
+    """The race PostgreSQL allows: the projector read no row for the job, then the ingress's
+    insert committed before the projector's own (insert-if-absent waits for it, then skips)."""
+    event = queued("j1", n=2)
+    await ReadModel(database).record_queued(event)
+    finished = fold([event, started("j1"), succeeded("j1")]).jobs["j1"]
+    await database.write(lambda conn: write_jobs(conn, {}, [finished]))
+    assert await ReadModel(database).usage("alice", T0.date()) == Usage(active_jobs=0, images_since=2)
     await assert_counters_match_the_rows(database)
 
 
