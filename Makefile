@@ -44,7 +44,7 @@ bench: install
 	$(PY) bench/diffusers_batching.py
 	$(PY) bench/remote_throughput.py
 	$(PY) bench/rate_limit.py
-	$(PY) bench/vs_litserve.py
+	$(PY) bench/vs_litserve.py --profile .imagebus/bench-profile-vs-litserve
 	$(PY) bench/control_plane.py --profile .imagebus/bench-profile
 	$(PY) bench/cold_start.py
 

@@ -266,14 +266,15 @@ async def check_results(stack: EmbeddedStack, job_ids: list[str], sample: int = 
 
 
 def start_profilers(roles: dict[str, int], folder: Path, rate: int) -> list[subprocess.Popen[bytes]]:
+    """py-spy recording each of ``roles`` (name -> pid) into <folder>/<name>.txt until stopped."""
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if py_spy is None:
         raise SystemExit("py-spy is not installed: pip install py-spy (the bench extra has it)")
     folder.mkdir(parents=True, exist_ok=True)
     profilers = []
-    for role in PROFILED:
+    for role, pid in roles.items():
         output = folder / f"{role}.txt"
-        argv = [py_spy, "record", "--pid", str(roles[role]), "--rate", str(rate), "--format", "raw",
+        argv = [py_spy, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
                 "--output", str(output), "--nonblocking"]  # fmt: skip
         profilers.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return profilers
@@ -315,10 +316,8 @@ def summarise(folder: Path, top: int = 12) -> None:
     job measured in the same run, a share is also shown as CPU-ms per job."""
     cpu_file = folder / "cpu_ms_per_job.json"
     cpu_ms: dict[str, float] = json.loads(cpu_file.read_text()) if cpu_file.exists() else {}
-    for role in PROFILED:
-        path = folder / f"{role}.txt"
-        if not path.exists():
-            continue
+    for path in sorted(folder.glob("*.txt")):
+        role = path.stem
         per_job = cpu_ms.get(role)
         tables: dict[str, Counter[str]] = {
             "library of the innermost frame": Counter(),
@@ -405,7 +404,7 @@ async def run(args: argparse.Namespace) -> None:
         print_load(load, raw, "Measured (no profiler):")
         if args.profile:
             profile_dir = Path(args.profile)
-            profilers = start_profilers(roles, profile_dir, args.profile_rate)
+            profilers = start_profilers({role: roles[role] for role in PROFILED}, profile_dir, args.profile_rate)
             try:
                 await asyncio.sleep(1.0)  # py-spy attaches
                 profiled = await run_load(stack, args.jobs, args.submitters, CpuMeter(groups))

@@ -24,7 +24,10 @@ Both model processes run with OMP_WAIT_POLICY=PASSIVE (--omp-wait-policy): on a 
 cores are shared, OpenMP threads spinning at torch's barriers while their partner waits for a core
 made the same call up to 7x slower, on both sides alike, and the figures noise.
 
-Usage: python bench/vs_litserve.py [--seconds 15] [--warmup-s 3] [--repeats 3] [--concurrency 8 32]
+--profile DIR adds one imagebus window at the highest concurrency under py-spy (ingress, worker,
+projector) and prints where each spends its CPU, as bench/control_plane.py --profile does.
+
+Usage: python bench/vs_litserve.py [--seconds 15] [--warmup-s 3] [--repeats 3] [--concurrency 8 32] [--profile DIR]
 """
 
 # No `from __future__ import annotations` here: LitServe reads decode_request's annotation as given
@@ -44,9 +47,11 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import litserve as ls
+from control_plane import start_profilers, stop_profilers, summarise
 from pydantic import BaseModel
 from worker_runs import GENEROUS_LIMITS, CpuMeter, EmbeddedStack, RawHttp, process_tree
 
@@ -59,6 +64,7 @@ BATCH = 4
 IMAGEBUS_BODY = {"prompt": PROMPT, "model": MODEL, "width": SIZE, "height": SIZE, "num_inference_steps": STEPS,
                  "guidance_scale": GUIDANCE, "num_images": 1}  # fmt: skip
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PROFILED = ("ingress", "worker-diffusers", "projector")
 
 
 # --- the LitServe side (runs in its own process tree) -------------------------------------------
@@ -278,6 +284,24 @@ def _per_image(runs: list[Window], cpu_s: Callable[[Window], float]) -> str:
     return f"{statistics.median(cpu_s(w) * 1000 / max(w.images, 1) for w in runs):.1f}"
 
 
+async def profile_imagebus(
+    imagebus: Server, neighbour: Server, stack: EmbeddedStack, folder: Path, args: argparse.Namespace
+) -> None:
+    """One more imagebus window at the highest concurrency, with py-spy on its Python roles."""
+    roles = stack.roles()
+    profilers = start_profilers({role: roles[role] for role in PROFILED}, folder, args.profile_rate)
+    try:
+        await asyncio.sleep(1.0)  # py-spy attaches
+        window = await measure(imagebus, neighbour, max(args.concurrency), -1, args)
+    finally:
+        stop_profilers(profilers)
+    cpu_ms = {role: window.cpu_s.get(role, 0.0) * 1000 / max(window.images, 1) for role in PROFILED}
+    (folder / "cpu_ms_per_job.json").write_text(json.dumps(cpu_ms))
+    print(f"\nimagebus under py-spy ({args.profile_rate} Hz), {window.concurrency} clients: {window.rate:.1f} images/s")
+    print("(a job is one image here; raw stacks in", folder, ")")
+    summarise(folder)
+
+
 async def run(args: argparse.Namespace) -> None:
     both = {"OMP_WAIT_POLICY": args.omp_wait_policy} if args.omp_wait_policy else {}
     env = {**GENEROUS_LIMITS, **both, "IMAGEBUS_WORKER_MAX_BATCH_IMAGES": str(BATCH)}
@@ -327,6 +351,8 @@ async def run(args: argparse.Namespace) -> None:
                         f"  repeat {repeat + 1}, {concurrency} clients, {name}: {window.rate:.1f} images/s", flush=True
                     )
         report(windows, args.concurrency, args.repeats)
+        if args.profile:
+            await profile_imagebus(servers["imagebus"], servers["LitServe"], bus_stack, Path(args.profile), args)
     finally:
         if stack is not None:
             stack.stop()
@@ -346,6 +372,8 @@ def main() -> None:
         default="PASSIVE",
         help="OMP_WAIT_POLICY of both model processes ('' leaves it unset)",
     )
+    parser.add_argument("--profile", metavar="DIR", help="profile one more imagebus window with py-spy into DIR")
+    parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--serve-litserve", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_litserve is not None:
