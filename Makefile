@@ -47,6 +47,8 @@ bench: install
 	$(PY) bench/vs_litserve.py --profile .imagebus/bench-profile-vs-litserve
 	$(PY) bench/control_plane.py --profile .imagebus/bench-profile
 	$(PY) bench/cold_start.py
+	$(PY) bench/sse_idle.py
+	$(PY) bench/reads.py
 
 # The long reliability runs behind docs/reliability.md (several minutes each).
 bench-reliability: install services

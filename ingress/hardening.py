@@ -2,8 +2,8 @@
 closed to input the layers below would fail on rather than refuse.
 
 uvicorn waits as long as a client takes to send a request line, headers or body, and httptools
-puts no cap on a head's size; an event stream holds a bus subscription and tasks for as long as
-its client stays; PostgreSQL errors on a NUL and the static files router on a NUL or an
+puts no cap on a head's size; an event stream holds an in-memory inbox and a response task for
+as long as its client stays; PostgreSQL errors on a NUL and the static files router on a NUL or an
 over-long name. Each is answered here with the usual JSON error, or by closing the connection
 where no request exists yet to answer.
 """
