@@ -6,10 +6,12 @@ decides alone, on the shared count it last read plus what it admitted since. A r
 limit adds to no count; refused on what the replica already knows, it costs no I/O at all.
 A replica reads a subject's shared count again before admitting a request when its reading is
 older than ``sync_interval_s``, and adds what it admitted to the shared rows (one upsert for all
-its subjects, returning their totals) at most that often. So one replica is exact, and with
-several a window admits at most the limit plus what the other replicas admitted to that subject
-in the last interval before they read the total. Every limited answer carries the IETF draft's
-RateLimit-Policy and RateLimit fields; over a limit it is a 429 with Retry-After.
+its subjects, returning their totals) at most that often. So one replica is exact. With several,
+a window admits at most the limit plus what the others admitted to that subject in the last two
+intervals (their counts reach the store up to one interval after they admit them, and a replica
+admits on a reading up to one interval old), and never more than the limit on any one replica.
+Every limited answer carries the IETF draft's RateLimit-Policy and RateLimit fields; over a limit
+it is a 429 with Retry-After.
 """
 
 from __future__ import annotations
