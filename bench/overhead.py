@@ -88,7 +88,7 @@ def _stages(walls: list[float], events: dict[str, float], visible: float) -> dic
     at = [submit, events["JobQueued"], events["JobStarted"], events["ImageStored"], events["JobSucceeded"], visible]
     return {
         STAGES[0]: (answered - submit) * 1000,
-        **{name: (after - before) * 1000 for name, before, after in zip(STAGES[1:], at, at[1:], strict=True)},
+        **{name: (after - before) * 1000 for name, before, after in zip(STAGES[1:], at[:-1], at[1:], strict=True)},
     }
 
 
