@@ -331,6 +331,7 @@ def ingress_config(settings: IngressSettings) -> IngressConfig:
             requests_per_key=settings.rate_limit_key,
             requests_per_ip=settings.rate_limit_ip,
             window_s=settings.rate_limit_window_s,
+            sync_interval_s=settings.rate_limit_sync_s,
             trusted_proxy_hops=settings.trusted_proxy_hops,
         ),
         stall_after_s=settings.stall_after_s,

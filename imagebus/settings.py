@@ -110,11 +110,13 @@ class IngressSettings(_RoleSettings, _BusMixin, _S3Mixin, _DatabaseMixin, _Catal
     quota_daily_images: int = 1500
     # Commands waiting in one queue before submits to it are refused with 429.
     max_queue_depth: int = 10_000
-    # Requests per window per API key and per client address, counted in the database so every
-    # replica enforces the same limit (0: off); the window must be the same on every replica.
+    # Requests per window per API key and per client address (0: off). Each replica refuses on its
+    # own counts without I/O and shares what it admitted through the database at most every
+    # rate_limit_sync_s, so every replica enforces nearly the same limit; the window must match.
     rate_limit_key: int = 600
     rate_limit_ip: int = 1200
     rate_limit_window_s: int = 60
+    rate_limit_sync_s: float = Field(0.1, ge=0)
     # Proxies in front of the ingress appending to X-Forwarded-For (0: the header is ignored).
     trusted_proxy_hops: int = 0
     # A processing job with no event for this long is stalled (POST /api/reset_queue).

@@ -19,11 +19,14 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
+import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy import Connection, Engine, event, select, text
 
 from bus import BusOptions
 from imagebus.catalog import load_catalog
+from imagebus.roles import ingress_config
+from imagebus.settings import IngressSettings
 from ingress.app import create_app
 from ingress.config import IngressConfig, RateLimits
 from ingress.rate_limit import RateLimiter, RateLimitMiddleware
@@ -301,3 +304,13 @@ async def test_between_syncs_each_replica_admits_at_most_the_limit(
             answers = [(await replica.get("/api/models", headers=auth(KEY_ALICE))).status_code for _ in range(5)]
             assert answers == [200, 200, 200, 429, 429]
     assert list((await counters(database_url)).values()) == [6]
+
+
+def test_the_rate_limit_settings_reach_the_ingress_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGEBUS_INGRESS_RATE_LIMIT_KEY", "7")
+    monkeypatch.setenv("IMAGEBUS_INGRESS_RATE_LIMIT_SYNC_S", "0.5")
+    limits = ingress_config(IngressSettings()).rate_limits
+    assert (limits.requests_per_key, limits.sync_interval_s) == (7, 0.5)
+    monkeypatch.setenv("IMAGEBUS_INGRESS_RATE_LIMIT_SYNC_S", "-1")
+    with pytest.raises(ValueError, match="rate_limit_sync_s"):
+        IngressSettings()
