@@ -49,6 +49,7 @@ bench: install
 	$(PY) bench/cold_start.py
 	$(PY) bench/sse_idle.py
 	$(PY) bench/reads.py
+	$(PY) bench/submit_history.py
 
 # The long reliability runs behind docs/reliability.md (several minutes each).
 bench-reliability: install services
