@@ -12,7 +12,9 @@ so what is measured is imagebus: submit, command, worker, image into S3, events,
     CPU-ms per job    = /proc/<pid>/stat user+system over the same span, per process
     raw JetStream     = nats-py on a scratch stream (file storage, like the app's) of the same
         server, before and after the load: publishes with acks awaited in bulk (publish_async),
-        and a pull consumer fetching batches of 100 and acking each message
+        and a pull consumer fetching batches of 100 and acking each message; next to them, a tenth
+        as many one at a time as the app does today (each publish awaits its ack; fetch(1) + ack
+        + flush)
 
 The load is light on purpose (the machine has few cores): a minimal HTTP/1.1 keep-alive client
 (--submitters connections submitting back to back), and one request for the completed count
@@ -114,8 +116,12 @@ def catalog_file(folder: Path, url: str, concurrency: int) -> Path:
 
 @dataclass
 class RawBus:
-    publishes_per_s: float
-    consumed_per_s: float
+    publishes_per_s: float  # publish_async, acks awaited in bulk
+    consumed_per_s: float  # fetch(100), each message acked
+    # What the app does today, for comparison: one publish awaiting its ack before the next, and
+    # fetch(1) + ack + flush per message.
+    one_by_one_publishes_per_s: float
+    one_by_one_consumed_per_s: float
 
 
 async def raw_jetstream(bus_url: str, messages: int) -> RawBus:
@@ -145,7 +151,19 @@ async def raw_jetstream(bus_url: str, messages: int) -> RawBus:
             for message in batch:
                 await message.ack()
             consumed += len(batch)
-        return RawBus(published, consumed / (time.perf_counter() - start))
+        bulk_consumed = consumed / (time.perf_counter() - start)
+        few = max(1, messages // 10)
+        start = time.perf_counter()
+        for index in range(few):
+            await js.publish(f"{name}.cmd", payload, headers={"Nats-Msg-Id": f"{name}-one-{index}"})
+        one_published = few / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(few):
+            (message,) = await subscription.fetch(1, timeout=5)
+            await message.ack()
+            await connection.flush()
+        one_consumed = few / (time.perf_counter() - start)
+        return RawBus(published, bulk_consumed, one_published, one_consumed)
     finally:
         with contextlib.suppress(Exception):
             await connection.jetstream().delete_stream(name)
@@ -357,13 +375,20 @@ def print_load(load: Load, raw: list[RawBus], title: str) -> None:
     print(f"\n{title}\n")
     rate = load.jobs / load.seconds
     before, after = raw
-    print("| jobs | seconds | jobs/s end to end | submits/s | raw JetStream publishes/s (acks in bulk) before / after "
-          "| raw fetch(100)+ack/s before / after |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+    print("| jobs | seconds | jobs/s end to end | submits/s |")
+    print("|---|---|---|---|")
+    print(f"| {load.jobs} | {load.seconds:.1f} | {rate:.1f} | {load.jobs / load.submit_seconds:.1f} |")
+    print("\nRaw JetStream on the same server, messages/s (before / after the load):\n")
     print(
-        f"| {load.jobs} | {load.seconds:.1f} | {rate:.1f} | {load.jobs / load.submit_seconds:.1f} "
+        "| publish_async, acks awaited in bulk | publish, each ack awaited | fetch(100) + ack "
+        "| fetch(1) + ack + flush |"
+    )
+    print("|---|---|---|---|")
+    print(
         f"| {before.publishes_per_s:,.0f} / {after.publishes_per_s:,.0f} "
-        f"| {before.consumed_per_s:,.0f} / {after.consumed_per_s:,.0f} |"
+        f"| {before.one_by_one_publishes_per_s:,.0f} / {after.one_by_one_publishes_per_s:,.0f} "
+        f"| {before.consumed_per_s:,.0f} / {after.consumed_per_s:,.0f} "
+        f"| {before.one_by_one_consumed_per_s:,.0f} / {after.one_by_one_consumed_per_s:,.0f} |"
     )
     print()
     print("| process | CPU-ms per job | cores busy |")
