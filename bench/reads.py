@@ -14,7 +14,10 @@ routes, so both see the same machine, and reports per route:
 and the job route's share of /health's. The rate limiter is off unless ``--rate-limits`` (its
 cost is bench/rate_limit.py's subject).
 
-Usage: python bench/reads.py [--requests 2000] [--rounds 5] [--concurrency 8] [--rate-limits]
+--profile DIR then runs job reads once more with py-spy sampling the ingress and prints where its
+samples went (bench/control_plane.py's tables; raw stacks kept in DIR).
+
+Usage: python bench/reads.py [--requests 2000] [--rounds 5] [--concurrency 8] [--rate-limits] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from control_plane import start_profilers, stop_profilers, summarise
 
 from bus import BusOptions, connect_bus
 from imagebus.process import free_port, port_open
@@ -174,6 +179,8 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rate-limits", action="store_true", help="count every request (limits too high to refuse)")
+    parser.add_argument("--profile", metavar="DIR", help="then profile job reads with py-spy, raw stacks into DIR")
+    parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="imagebus-bench-reads-") as folder:
         database_url = f"sqlite:///{Path(folder) / 'readmodel.db'}"
@@ -186,6 +193,13 @@ async def main() -> None:
             for _ in range(args.rounds):  # interleaved, so both routes see the same machine
                 for name, path in routes.items():
                     rounds[name].append(await one_round(process, path, args.requests, args.concurrency))
+            if args.profile:
+                profilers = start_profilers({"ingress": process.pid}, Path(args.profile), args.profile_rate)
+                try:
+                    await asyncio.sleep(1.0)  # py-spy attaches
+                    await one_round(process, routes["GET /api/jobs/{id}"], args.requests * 2, args.concurrency)
+                finally:
+                    stop_profilers(profilers)
     limiter = "on" if args.rate_limits else "off"
     print(
         f"{args.rounds} rounds of {args.requests} requests per route, {args.concurrency} in flight, limiter {limiter}"
@@ -201,6 +215,9 @@ async def main() -> None:
         f"job reads at {job_rps / health_rps * 100:.0f} % of /health's requests/s "
         f"({job_core / health_core * 100:.0f} % per ingress core)"
     )
+    if args.profile:
+        print(f"\nGET /api/jobs/{{id}} under py-spy ({args.profile_rate} Hz, raw stacks in {args.profile}):")
+        summarise(Path(args.profile))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ On SQLite that is one hop to a worker thread running the stdlib driver: per stat
 driver would cost a thread hop and a greenlet switch, a hundred times the statement itself.
 On PostgreSQL the function runs on the asyncpg connection through ``run_sync``.
 
+``Database.point_read`` is for the hottest reads (a status poll): one SELECT by key. On SQLite it
+runs the statement's SQL, compiled once, straight on the stdlib driver in the caller's thread,
+since the hop and SQLAlchemy's execution path each cost several times the statement itself.
+
 This is the one module that knows which SQL dialect it talks to.
 """
 
@@ -15,14 +19,16 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import sqlite3
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import sqlalchemy
-from sqlalchemy import Connection, Engine, Executable, Table, event, inspect, select, text
+from sqlalchemy import Connection, Dialect, Engine, Executable, Select, Table, event, inspect, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -39,6 +45,9 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 _SQLITE_READ_THREADS = 2
 
 T = TypeVar("T")
+
+# A point read on the event loop's thread never waits for a lock: busy, it moves to a reader thread.
+_POINT_READ_BUSY_TIMEOUT_MS = 0
 
 # Execution option marking a connection whose transaction will write (read by the SQLite begin hook).
 _WRITE_OPTION = "imagebus_write"
@@ -68,6 +77,15 @@ class Database(ABC):
         except asyncio.CancelledError:
             await asyncio.wait({transaction})
             raise
+
+    async def point_read(self, statement: Select[Any], params: Mapping[str, Any]) -> Sequence[Sequence[Any]]:
+        """The rows of one SELECT that reads a few rows by key (one snapshot), as tuples in the
+        statement's column order with the columns' result types applied.
+
+        Only for statements that take microseconds: on SQLite it may run on the event loop.
+        Parameters go to the driver as given (strings and numbers; no bind processing).
+        """
+        return await self.read(lambda conn: conn.execute(statement, params).all())
 
     @abstractmethod
     def _start_write(self, work: Callable[[Connection], T]) -> asyncio.Future[T]:
@@ -101,13 +119,18 @@ class SQLiteDatabase(Database):
     """A SQLite file driven by the stdlib driver in a few dedicated threads, one hop per transaction."""
 
     def __init__(self, url: URL) -> None:
-        self._engine = _sqlite_engine(url, pool_size=_SQLITE_READ_THREADS + 1)
+        # Reader threads, the writer, and the event loop's connection for point reads.
+        self._engine = _sqlite_engine(url, pool_size=_SQLITE_READ_THREADS + 2)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="readmodel-write")
         self._readers = ThreadPoolExecutor(_SQLITE_READ_THREADS, thread_name_prefix="readmodel-read")
         # Each of those threads keeps one connection: a pool checkout per transaction costs more
         # than most of our statements.
         self._thread = threading.local()
         self._connections: list[Connection] = []
+        # The caller's (event loop's) own raw connections, one per thread, for point reads.
+        self._caller = threading.local()
+        self._raw_connections: list[Any] = []
+        self._point_queries: dict[Select[Any], _PointQuery] = {}
 
     async def read(self, work: Callable[[Connection], T]) -> T:
         return await _run_in(self._readers, functools.partial(self._read, work))
@@ -115,6 +138,34 @@ class SQLiteDatabase(Database):
     def _start_write(self, work: Callable[[Connection], T]) -> asyncio.Future[T]:
         # Once the thread has it, the transaction runs to its end; cancelling only stops waiting.
         return _run_in(self._writer, functools.partial(self._write, work))
+
+    async def point_read(self, statement: Select[Any], params: Mapping[str, Any]) -> Sequence[Sequence[Any]]:
+        query = self._point_queries.get(statement)
+        if query is None:
+            query = self._point_queries[statement] = _PointQuery.compile(statement, self._engine.dialect)
+        arguments = query.arguments(params)
+        connection = getattr(self._caller, "connection", None)
+        if connection is None:
+            # Opening the file (and its pragmas, which may wait on a lock) happens off the loop.
+            connection = self._caller.connection = await asyncio.to_thread(self._point_read_connection)
+        try:
+            # One statement in autocommit mode: its own read transaction, so one snapshot. In WAL
+            # mode a reader is almost never busy (a writer does not block it); when it is, the
+            # loop does not wait but hands the read to a reader thread, which may.
+            rows = connection.execute(query.sql, arguments).fetchall()
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise
+            rows = await self.read(lambda conn: _driver(conn).execute(query.sql, arguments).fetchall())
+        return query.processed(rows)
+
+    def _point_read_connection(self) -> sqlite3.Connection:
+        raw = self._engine.raw_connection()
+        self._raw_connections.append(raw)
+        driver = raw.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
+        driver.execute(f"PRAGMA busy_timeout={_POINT_READ_BUSY_TIMEOUT_MS}")
+        return driver
 
     async def dispose(self) -> None:
         await asyncio.to_thread(self._close)
@@ -156,7 +207,50 @@ class SQLiteDatabase(Database):
         for conn in self._connections:
             conn.close()
         self._connections.clear()
+        for raw in self._raw_connections:
+            raw.close()
+        self._raw_connections.clear()
         self._engine.dispose()
+
+
+@dataclass(frozen=True)
+class _PointQuery:
+    """A SELECT compiled once for the stdlib driver: its SQL, its parameters' order, and what
+    SQLAlchemy would do to each result column (None: nothing)."""
+
+    sql: str
+    names: tuple[str, ...]
+    defaults: Mapping[str, Any]
+    processors: tuple[Callable[[Any], Any] | None, ...]
+
+    @classmethod
+    def compile(cls, statement: Select[Any], dialect: Dialect) -> _PointQuery:
+        compiled = statement.compile(dialect=dialect)
+        for bind in compiled.binds.values():
+            if bind.type.dialect_impl(dialect).bind_processor(dialect) is not None:
+                raise ValueError(f"point reads pass parameters as given; {bind.key!r} needs a {bind.type} conversion")
+        processors = tuple(
+            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in statement.selected_columns
+        )
+        # Values the statement carries itself (literals); the rest come with each call.
+        defaults = {key: bind.value for key, bind in compiled.binds.items() if not bind.required}
+        return cls(str(compiled), tuple(compiled.positiontup or ()), defaults, processors)
+
+    def arguments(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(params[name] if name in params else self.defaults[name] for name in self.names)
+
+    def processed(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        converted = [(index, p) for index, p in enumerate(self.processors) if p is not None]
+        if not converted:
+            return rows
+        processed = []
+        for row in rows:
+            values = list(row)
+            for index, process in converted:
+                if values[index] is not None:
+                    values[index] = process(values[index])
+            processed.append(tuple(values))
+        return processed
 
 
 class PostgresDatabase(Database):
@@ -181,6 +275,12 @@ class PostgresDatabase(Database):
         await self._engine.dispose()
 
 
+def _driver(conn: Connection) -> sqlite3.Connection:
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, sqlite3.Connection)
+    return driver
+
+
 def _run_in(executor: Executor, call: Callable[[], T]) -> asyncio.Future[T]:
     # The caller's context travels along, so log lines from the work keep its bound job_id.
     context = contextvars.copy_context()
@@ -197,9 +297,10 @@ def _sqlite_engine(url: URL, *, pool_size: int) -> Engine:
         # transaction would not be one); SQLAlchemy emits it in _begin below.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
+        # First, so that switching to WAL waits for a lock too.
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         # WAL: readers (ingress) never block the writer (projector) and vice versa.
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         # In WAL mode NORMAL stays consistent across crashes; a power cut may lose the last
         # commits, rows and position together, and the projector simply replays them.
         cursor.execute("PRAGMA synchronous=NORMAL")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
+from typing import Any
 
-from sqlalchemy import Connection, RowMapping, bindparam, func, literal, select
+from sqlalchemy import Connection, RowMapping, and_, bindparam, func, literal, select
 
 from projector.apply import ImageRow, ImageState, queued_row
 from projector.database import Database
@@ -29,13 +30,18 @@ from schemas import GenerationParams, JobQueued, JobStatus
 
 # Statements built once: building one (and its cache key) per call costs more than SQLite running it.
 _PING = select(literal(1))
-_JOB = select(jobs).where(jobs.c.id == bindparam("job_id"))
-_OWNED_JOB = _JOB.where(jobs.c.owner == bindparam("owner"))
-_LIVE_IMAGES_OF_JOB = (
-    select(images)
-    .where(images.c.job_id == bindparam("job_id"), images.c.state != ImageState.DELETED.value)
+# A job and its live images in one statement (one snapshot, one round trip): one row per image, or
+# one row of NULL image columns for a job without any.
+_JOB_COLUMNS = len(jobs.c)
+_JOB_WITH_IMAGES = (
+    select(jobs, images)
+    .select_from(jobs.outerjoin(images, and_(images.c.job_id == jobs.c.id, images.c.state != ImageState.DELETED.value)))
+    .where(jobs.c.id == bindparam("job_id"))
     .order_by(images.c["index"])
 )
+_OWNED_JOB_WITH_IMAGES = _JOB_WITH_IMAGES.where(jobs.c.owner == bindparam("owner"))
+_JOB_NAMES = tuple(jobs.c.keys())
+_IMAGE_NAMES = tuple(images.c.keys())
 _LIVE_IMAGE = select(images).where(images.c.id == bindparam("image_id"), images.c.state != ImageState.DELETED.value)
 _OWNED_LIVE_IMAGE = _LIVE_IMAGE.where(images.c.owner == bindparam("owner"))
 
@@ -79,7 +85,17 @@ class ReadModel:
 
     async def get_job(self, job_id: str, owner: str | None) -> JobRecord | None:
         """The job with its images (by index, deleted ones left out), or None."""
-        return await self._database.read(lambda conn: _select_job(conn, job_id, owner))
+        if owner is None:
+            rows = await self._database.point_read(_JOB_WITH_IMAGES, {"job_id": job_id})
+        else:
+            rows = await self._database.point_read(_OWNED_JOB_WITH_IMAGES, {"job_id": job_id, "owner": owner})
+        if not rows:
+            return None
+        job = dict(zip(_JOB_NAMES, rows[0][:_JOB_COLUMNS], strict=True))
+        image_rows = [
+            dict(zip(_IMAGE_NAMES, row[_JOB_COLUMNS:], strict=True)) for row in rows if row[_JOB_COLUMNS] is not None
+        ]
+        return _job_record(job, image_rows)
 
     async def get_image(self, image_id: str, owner: str | None) -> ImageRecord | None:
         """The image (available or expired), or None when absent, deleted or another owner's."""
@@ -145,17 +161,6 @@ class ReadModel:
             return bool(created == row.created_at)
 
         return await self._database.write(insert)
-
-
-def _select_job(conn: Connection, job_id: str, owner: str | None) -> JobRecord | None:
-    # One transaction: on SQLite the job and its images come from one snapshot.
-    if owner is None:
-        job = conn.execute(_JOB, {"job_id": job_id}).mappings().first()
-    else:
-        job = conn.execute(_OWNED_JOB, {"job_id": job_id, "owner": owner}).mappings().first()
-    if job is None:
-        return None
-    return _job_record(job, conn.execute(_LIVE_IMAGES_OF_JOB, {"job_id": job_id}).mappings().all())
 
 
 def _select_jobs(
@@ -228,7 +233,7 @@ def _select_image(conn: Connection, image_id: str, owner: str | None) -> ImageRe
     return None if row is None else _image_record(row)
 
 
-def _job_record(row: RowMapping, image_rows: Sequence[RowMapping]) -> JobRecord:
+def _job_record(row: Mapping[Any, Any], image_rows: Sequence[Mapping[Any, Any]]) -> JobRecord:
     return JobRecord(
         id=row["id"],
         owner=row["owner"],
@@ -248,5 +253,5 @@ def _job_record(row: RowMapping, image_rows: Sequence[RowMapping]) -> JobRecord:
     )
 
 
-def _image_record(row: RowMapping) -> ImageRecord:
+def _image_record(row: Mapping[Any, Any]) -> ImageRecord:
     return ImageRow.from_columns(row)

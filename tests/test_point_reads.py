@@ -1,0 +1,122 @@
+"""Database.point_read: the same rows and types as SQLAlchemy's own execution, on both databases;
+on SQLite a locked database is waited for off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import and_, bindparam, select
+
+from projector.database import create_database, create_schema
+from projector.tables import images, jobs
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+JOB = {
+    "id": "j1",
+    "owner": "alice",
+    "status": "completed",
+    "backend": "diffusers",
+    "dialect": "native",
+    "params": {"prompt": "a fox", "loras": [{"id": "x", "weight": 0.5}]},
+    "prompt": "a fox",
+    "model": "tiny-sd",
+    "created_at": NOW,
+    "started_at": None,
+    "completed_at": NOW + timedelta(seconds=3),
+    "updated_at": NOW,
+    "step": 4,
+    "total_steps": 4,
+    "attempt": 1,
+    "error": None,
+    "last_event_at": NOW,
+}
+
+
+def image(index: int, state: str) -> dict[str, object]:
+    return {
+        "id": f"i{index}",
+        "job_id": "j1",
+        "owner": "alice",
+        "index": index,
+        "object_key": f"images/j1/{index}.png",
+        "content_type": "image/png",
+        "width": 64,
+        "height": 64,
+        "size_bytes": 1000,
+        "seed": 2**40 + index,
+        "created_at": NOW,
+        "expires_at": NOW + timedelta(minutes=10),
+        "state": state,
+    }
+
+
+JOB_WITH_IMAGES = (
+    select(jobs, images)
+    .select_from(jobs.outerjoin(images, and_(images.c.job_id == jobs.c.id, images.c.state != "deleted")))
+    .where(jobs.c.id == bindparam("job_id"), jobs.c.owner == bindparam("owner"))
+    .order_by(images.c["index"])
+)
+
+
+async def test_point_read_matches_sqlalchemy_execution(database_url: str) -> None:
+    database = create_database(database_url)
+    try:
+        await create_schema(database)
+        await database.write(lambda conn: conn.execute(jobs.insert(), [JOB]))
+        rows = [image(1, "expired"), image(0, "available"), image(2, "deleted")]
+        await database.write(lambda conn: conn.execute(images.insert(), rows))
+        params = {"job_id": "j1", "owner": "alice"}
+
+        point = await database.point_read(JOB_WITH_IMAGES, params)
+        executed = await database.read(lambda conn: conn.execute(JOB_WITH_IMAGES, params).all())
+
+        assert [tuple(row) for row in point] == [tuple(row) for row in executed]
+        index = len(jobs.c) + images.c.keys().index("index")
+        assert [row[index] for row in point] == [0, 1]  # in order, the deleted one left out
+        assert point[0][jobs.c.keys().index("created_at")] == NOW  # an aware UTC datetime again
+        assert point[0][jobs.c.keys().index("params")] == JOB["params"]
+        assert await database.point_read(JOB_WITH_IMAGES, {"job_id": "j1", "owner": "bob"}) == []
+    finally:
+        await database.dispose()
+
+
+async def test_a_locked_sqlite_database_is_waited_for_off_the_event_loop(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'readmodel.db'}"
+    setup = create_database(url)
+    await create_schema(setup)
+    await setup.write(lambda conn: conn.execute(jobs.insert(), [JOB]))
+    await setup.dispose()
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_database() -> None:
+        # An exclusive-locking-mode writer that opened the file first keeps every reader out.
+        holder = sqlite3.connect(tmp_path / "readmodel.db", isolation_level=None)
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("UPDATE jobs SET step = 3")
+        locked.set()
+        release.wait(30)
+        holder.execute("COMMIT")
+        holder.close()
+
+    database = create_database(url)
+    holder = threading.Thread(target=hold_the_database)
+    holder.start()
+    try:
+        await asyncio.to_thread(locked.wait, 30)
+        read = asyncio.ensure_future(database.point_read(JOB_WITH_IMAGES, {"job_id": "j1", "owner": "alice"}))
+        # The loop is free while the read waits for the lock (else nothing here could let go of it).
+        await asyncio.sleep(0.05)
+        assert not read.done()
+        release.set()
+        rows = await asyncio.wait_for(read, 30)
+        assert [row[jobs.c.keys().index("step")] for row in rows] == [3]
+        assert len(await database.point_read(JOB_WITH_IMAGES, {"job_id": "j1", "owner": "alice"})) == 1
+    finally:
+        release.set()
+        await asyncio.to_thread(holder.join, 30)
+        await database.dispose()
