@@ -14,7 +14,7 @@ routes, so both see the same machine, and reports per route:
 and the job route's share of /health's. The rate limiter is off unless ``--rate-limits`` (its
 cost is bench/rate_limit.py's subject).
 
---profile DIR then runs job reads once more with py-spy sampling the ingress and prints where its
+--profile DIR then runs each route once more with py-spy sampling the ingress and prints where its
 samples went (bench/control_plane.py's tables; raw stacks kept in DIR).
 
 Usage: python bench/reads.py [--requests 2000] [--rounds 5] [--concurrency 8] [--rate-limits] [--profile DIR]
@@ -179,7 +179,7 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rate-limits", action="store_true", help="count every request (limits too high to refuse)")
-    parser.add_argument("--profile", metavar="DIR", help="then profile job reads with py-spy, raw stacks into DIR")
+    parser.add_argument("--profile", metavar="DIR", help="then profile each route with py-spy, raw stacks into DIR")
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="imagebus-bench-reads-") as folder:
@@ -193,11 +193,13 @@ async def main() -> None:
             for _ in range(args.rounds):  # interleaved, so both routes see the same machine
                 for name, path in routes.items():
                     rounds[name].append(await one_round(process, path, args.requests, args.concurrency))
-            if args.profile:
-                profilers = start_profilers({"ingress": process.pid}, Path(args.profile), args.profile_rate)
+            for name, path in routes.items() if args.profile else ():
+                # One file per route, so the two profiles can be set side by side.
+                label = "ingress " + name.replace("/", "_").replace(" ", "").replace("{id}", "id")
+                profilers = start_profilers({label: process.pid}, Path(args.profile), args.profile_rate)
                 try:
                     await asyncio.sleep(1.0)  # py-spy attaches
-                    await one_round(process, routes["GET /api/jobs/{id}"], args.requests * 2, args.concurrency)
+                    await one_round(process, path, args.requests * 2, args.concurrency)
                 finally:
                     stop_profilers(profilers)
     limiter = "on" if args.rate_limits else "off"
@@ -216,7 +218,7 @@ async def main() -> None:
         f"({job_core / health_core * 100:.0f} % per ingress core)"
     )
     if args.profile:
-        print(f"\nGET /api/jobs/{{id}} under py-spy ({args.profile_rate} Hz, raw stacks in {args.profile}):")
+        print(f"\nEach route under py-spy ({args.profile_rate} Hz, raw stacks in {args.profile}):")
         summarise(Path(args.profile))
 
 

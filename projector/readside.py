@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, and_, bindparam, func, literal, select
+from sqlalchemy import Connection, RowMapping, Text, and_, bindparam, cast, func, literal, select
 
 from projector.apply import ImageRow, ImageState, queued_row
 from projector.database import Database
@@ -64,7 +65,11 @@ _JOB_NAMES = tuple(f.name for f in fields(JobRecord) if f.name != "images")
 _IMAGE_NAMES = tuple(f.name for f in fields(ImageRow))
 _JOB_COLUMNS = len(_JOB_NAMES)
 _JOB_WITH_IMAGES = (
-    select(*(jobs.c[name] for name in _JOB_NAMES), *(images.c[name] for name in _IMAGE_NAMES))
+    select(
+        # params as its JSON text, parsed (once per distinct text) by _params.
+        *(jobs.c[name] if name != "params" else cast(jobs.c.params, Text).label("params") for name in _JOB_NAMES),
+        *(images.c[name] for name in _IMAGE_NAMES),
+    )
     .select_from(jobs.outerjoin(images, and_(images.c.job_id == jobs.c.id, images.c.state != ImageState.DELETED.value)))
     .where(jobs.c.id == bindparam("job_id"))
     .order_by(images.c["index"])
@@ -95,6 +100,7 @@ class ReadModel:
         if not rows:
             return None
         job = dict(zip(_JOB_NAMES, rows[0][:_JOB_COLUMNS], strict=True))
+        job["params"] = _params(job["params"])
         image_rows = [
             dict(zip(_IMAGE_NAMES, row[_JOB_COLUMNS:], strict=True)) for row in rows if row[_JOB_COLUMNS] is not None
         ]
@@ -236,14 +242,21 @@ def _select_image(conn: Connection, image_id: str, owner: str | None) -> ImageRe
     return None if row is None else _image_record(row)
 
 
+@functools.lru_cache(maxsize=4096)
+def _params(text: str) -> GenerationParams:
+    # A job's params never change, and the model is frozen: a status poll parses them once.
+    return GenerationParams.model_validate_json(text)
+
+
 def _job_record(row: Mapping[Any, Any], image_rows: Sequence[Mapping[Any, Any]]) -> JobRecord:
+    params = row["params"]
     return JobRecord(
         id=row["id"],
         owner=row["owner"],
         status=JobStatus(row["status"]),
         backend=row["backend"],
         dialect=row["dialect"],
-        params=GenerationParams.model_validate(row["params"]),
+        params=params if isinstance(params, GenerationParams) else GenerationParams.model_validate(params),
         created_at=row["created_at"],
         started_at=row["started_at"],
         completed_at=row["completed_at"],
