@@ -100,11 +100,10 @@ class ReadModel:
         if not rows:
             return None
         job = dict(zip(_JOB_NAMES, rows[0][:_JOB_COLUMNS], strict=True))
-        job["params"] = _params(job["params"])
         image_rows = [
             dict(zip(_IMAGE_NAMES, row[_JOB_COLUMNS:], strict=True)) for row in rows if row[_JOB_COLUMNS] is not None
         ]
-        return _job_record(job, image_rows)
+        return _job_record(job, image_rows, _params(job["params"]))
 
     async def get_image(self, image_id: str, owner: str | None) -> ImageRecord | None:
         """The image (available or expired), or None when absent, deleted or another owner's."""
@@ -248,15 +247,17 @@ def _params(text: str) -> GenerationParams:
     return GenerationParams.model_validate_json(text)
 
 
-def _job_record(row: Mapping[Any, Any], image_rows: Sequence[Mapping[Any, Any]]) -> JobRecord:
-    params = row["params"]
+def _job_record(
+    row: Mapping[Any, Any], image_rows: Sequence[Mapping[Any, Any]], params: GenerationParams | None = None
+) -> JobRecord:
+    """``params``: the row's, already parsed (else validated from the row's decoded JSON)."""
     return JobRecord(
         id=row["id"],
         owner=row["owner"],
         status=JobStatus(row["status"]),
         backend=row["backend"],
         dialect=row["dialect"],
-        params=params if isinstance(params, GenerationParams) else GenerationParams.model_validate(params),
+        params=GenerationParams.model_validate(row["params"]) if params is None else params,
         created_at=row["created_at"],
         started_at=row["started_at"],
         completed_at=row["completed_at"],
