@@ -72,7 +72,7 @@ _JOB_WITH_IMAGES = (
     )
     .select_from(jobs.outerjoin(images, and_(images.c.job_id == jobs.c.id, images.c.state != ImageState.DELETED.value)))
     .where(jobs.c.id == bindparam("job_id"))
-    .order_by(images.c["index"])
+    # No ORDER BY: SQLite would sort a job's few images in a temporary b-tree; get_job sorts them.
 )
 _OWNED_JOB_WITH_IMAGES = _JOB_WITH_IMAGES.where(jobs.c.owner == bindparam("owner"))
 
@@ -100,9 +100,10 @@ class ReadModel:
         if not rows:
             return None
         job = dict(zip(_JOB_NAMES, rows[0][:_JOB_COLUMNS], strict=True))
-        image_rows = [
-            dict(zip(_IMAGE_NAMES, row[_JOB_COLUMNS:], strict=True)) for row in rows if row[_JOB_COLUMNS] is not None
-        ]
+        image_rows = sorted(
+            (dict(zip(_IMAGE_NAMES, row[_JOB_COLUMNS:], strict=True)) for row in rows if row[_JOB_COLUMNS] is not None),
+            key=lambda image: image["index"],
+        )
         return _job_record(job, image_rows, _params(job["params"]))
 
     async def get_image(self, image_id: str, owner: str | None) -> ImageRecord | None:

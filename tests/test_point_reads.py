@@ -12,6 +12,7 @@ from pathlib import Path
 from sqlalchemy import and_, bindparam, select
 
 from projector.database import create_database, create_schema
+from projector.readside import ReadModel
 from projector.tables import images, jobs
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -119,4 +120,27 @@ async def test_a_locked_sqlite_database_is_waited_for_off_the_event_loop(tmp_pat
     finally:
         release.set()
         await asyncio.to_thread(holder.join, 30)
+        await database.dispose()
+
+
+async def test_get_job_gives_live_images_by_index_and_only_its_owner(database_url: str) -> None:
+    database = create_database(database_url)
+    try:
+        await create_schema(database)
+        job = {**JOB, "params": {"prompt": "a fox", "model": "tiny-sd", "width": 64, "height": 64,
+                                 "num_inference_steps": 4, "guidance_scale": 7.0}}  # fmt: skip
+        await database.write(lambda conn: conn.execute(jobs.insert(), [job]))
+        rows = [image(2, "available"), image(1, "deleted"), image(0, "expired")]  # stored out of order
+        await database.write(lambda conn: conn.execute(images.insert(), rows))
+        read_model = ReadModel(database)
+
+        record = await read_model.get_job("j1", "alice")
+        assert record is not None
+        assert [(i.index, i.state.value) for i in record.images] == [(0, "expired"), (2, "available")]
+        assert record.params.guidance_scale == 7.0 and record.completed_at == NOW + timedelta(seconds=3)
+        assert await read_model.get_job("j1", None) == record  # admin view
+        assert await read_model.get_job("j1", "bob") is None
+        await database.write(lambda conn: conn.execute(images.delete()))
+        assert (await read_model.get_job("j1", "alice")).images == ()  # type: ignore[union-attr]
+    finally:
         await database.dispose()
