@@ -490,30 +490,27 @@ class Worker:
         return publisher
 
     async def _call_backend(self, members: list[_Held], publishers: list[ProgressPublisher]) -> list[_Result]:
-        """The members' one backend call, beside their JobStarted; one result per member.
+        """The members' one backend call, after their JobStarted; one result per member.
 
-        The model does not wait for the broker to confirm the JobStarted events (sent first on the
-        connection, they precede the job's other events); the results do: a job whose JobStarted
-        could not be published goes back to the queue, whatever the model made."""
+        The members' JobStarted events are published together and confirmed before the model
+        starts: a run the log does not show could kill its worker unseen (a poison job's attempts
+        must all be on record), and a job whose start could not be recorded goes back to the queue
+        without running."""
         jobs = [
             JobRequest(job_id=held.command.job_id, params=held.command.params, on_progress=publisher, cancel=held.token)
             for held, publisher in zip(members, publishers, strict=True)
         ]
-        announcing = asyncio.gather(*(self._announce_start(held) for held in members))
-        results: list[_Result]
+        try:
+            await asyncio.gather(*(self._announce_start(held) for held in members))
+        except Exception as exc:
+            return [exc] * len(members)
         try:
             await self._backend.prepare(members[0].command.params.model)
             if len(members) == 1:
-                results = [await self._backend.generate(jobs[0])]
-            else:
-                results = list(await self._backend.generate_batch(jobs))
-        except Exception as exc:
-            results = [exc] * len(members)
-        try:
-            await announcing
+                return [await self._backend.generate(jobs[0])]
+            return list(await self._backend.generate_batch(jobs))
         except Exception as exc:
             return [exc] * len(members)
-        return results
 
     async def _announce_start(self, held: _Held) -> None:
         with attached(held.trace):
