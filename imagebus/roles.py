@@ -254,7 +254,14 @@ async def run_projector(settings: ProjectorSettings, *, rebuild_first: bool = Fa
         await create_schema(database)
         log.info("projector_ready")
         report_ready(settings.ready_file, role="projector")
-        projector = Projector(database, bus, name=settings.name, batch_size=settings.batch_size)
+        projector = Projector(
+            database,
+            bus,
+            name=settings.name,
+            batch_size=settings.batch_size,
+            batch_wait_s=settings.batch_wait_s,
+            spans=bool(settings.otlp_endpoint),  # a span no exporter takes is pure cost
+        )
         async with metrics_endpoint(settings.metrics_host, settings.metrics_port), asyncio.TaskGroup() as roles:
             if settings.stall_after_s > 0:
                 roles.create_task(

@@ -15,12 +15,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from bus.base import Bus, LoggedEvent
-from bus.tracing import trace_context, tracer
+from bus.tracing import trace_context, trace_id_of, tracer
 from projector.apply import ImageRow, JobRow, Projection, apply_event
 from projector.database import Database, reset_schema, upsert
 from projector.tables import images, jobs, projector_positions, upstream_quotas
@@ -29,6 +30,10 @@ from schemas import Event, ImageDeleted, ImageExpired, ImageStored, JobStatus, U
 from schemas.metrics import JOBS
 
 log = structlog.get_logger(__name__)
+
+# How long a batch's first event waits for more (IMAGEBUS_PROJECTOR_BATCH_WAIT_S): the read model
+# lags by at most this, and under a trickle of events tens of them share one transaction.
+DEFAULT_BATCH_WAIT_S = 0.02
 
 # Statements built once: building one (and its cache key) per call costs more than SQLite running it.
 _JOBS_BY_ID = select(jobs).where(jobs.c.id.in_(bindparam("ids", expanding=True)))
@@ -61,14 +66,21 @@ class Projector:
         *,
         name: str = "projector",
         batch_size: int = 100,
+        batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
+        spans: bool = True,
         caught_up_after_s: float = 1.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if batch_wait_s < 0:
+            raise ValueError("batch_wait_s must not be negative")
         self._database = database
         self._bus = bus
         self._name = name
         self._batch_size = batch_size
+        self._batch_wait_s = batch_wait_s
+        # Spans of projected jobs: worth making only where an exporter sends them somewhere.
+        self._spans = spans
         # Waiting this long on an empty log means it has caught up (catching up after a restart, it
         # waits only milliseconds between fetches).
         self._caught_up_after_s = caught_up_after_s
@@ -126,14 +138,18 @@ class Projector:
     async def _next_batch(
         self, queue: asyncio.Queue[LoggedEvent | _EndOfLog], stopped: asyncio.Task[bool] | None
     ) -> tuple[list[LoggedEvent], _EndOfLog | None]:
-        """Wait for one event, then take whatever else is already at hand, up to batch_size.
+        """Wait for one event, then gather more for up to batch_wait_s, up to batch_size.
 
         Also returns the end of the log if it was reached; an empty batch and no end mean stopped.
         """
+        loop = asyncio.get_running_loop()
         if queue.empty():
-            self._waiting_since = asyncio.get_running_loop().time()
+            self._waiting_since = loop.time()
         item = await _get_unless_stopped(queue, stopped)
         self._waiting_since = None
+        # Events trickle in as jobs move; a transaction (BEGIN, position, COMMIT, thread hop) costs
+        # far more than an event in it, so the first event waits a moment for company.
+        deadline = loop.time() + self._batch_wait_s
         batch: list[LoggedEvent] = []
         handed_over = False
         while isinstance(item, LoggedEvent):
@@ -141,12 +157,16 @@ class Projector:
             if len(batch) == self._batch_size:
                 return batch, None
             if queue.empty() and not handed_over:
-                # Let the reader pass on what the bus already buffered; never wait on a clock.
+                # Let the reader pass on what the bus already buffered, before any clock.
                 await asyncio.sleep(0)
                 handed_over = True
             if queue.empty():
-                return batch, None
-            item = queue.get_nowait()
+                next_item = await _get_before(queue, deadline)
+                if next_item is None:
+                    return batch, None
+                item = next_item
+            else:
+                item = queue.get_nowait()
         return batch, item
 
     async def _apply(self, batch: Sequence[LoggedEvent], position: int | None) -> int:
@@ -160,7 +180,7 @@ class Projector:
 
         transitions = await self._database.write(transaction)
         for transition in transitions:
-            _report(transition, batch[transition.index])
+            _report(transition, batch[transition.index], spans=self._spans)
         newest = max(event.occurred_at for event in events)
         if newest.tzinfo is None:
             newest = newest.replace(tzinfo=UTC)
@@ -204,19 +224,39 @@ def apply_events(conn: Connection, events: Sequence[Event]) -> list[Transition]:
     return transitions
 
 
-def _report(transition: Transition, logged: LoggedEvent) -> None:
-    """Count a committed status change, and log it (with a span) in the trace of the event that
-    made it, so a job's projector lines join its ingress and worker lines."""
+def _report(transition: Transition, logged: LoggedEvent, *, spans: bool) -> None:
+    """Count a committed status change, and log it in the trace of the event that made it, so a
+    job's projector line joins its ingress and worker lines.
+
+    With ``spans`` (an exporter takes them) a sampled trace also gets a span here; without, the
+    trace id is put on the line directly, since a span nobody receives costs three log lines.
+    """
     job = transition.job
     if job.status is JobStatus.PENDING:
         return  # counted at submission (imagebus_jobs_submitted_total), or a requeue
     JOBS.labels(job.status.value, job.backend, job.model).inc()
-    attributes = {"imagebus.job_id": job.id, "imagebus.status": job.status.value}
-    span_name = f"project {logged.event.type}"
-    with tracer.start_as_current_span(
-        span_name, context=trace_context(logged.trace_headers), kind=SpanKind.CONSUMER, attributes=attributes
-    ):
-        log.info("job_projected", job_id=job.id, status=job.status.value, position=logged.position)
+    terminal = job.status.is_terminal()
+    if not (spans or terminal):
+        log.debug("job_projected", job_id=job.id, status=job.status.value, position=logged.position)
+        return
+    context = trace_context(logged.trace_headers)
+    if spans and trace.get_current_span(context).get_span_context().trace_flags.sampled:
+        attributes = {"imagebus.job_id": job.id, "imagebus.status": job.status.value}
+        with tracer.start_as_current_span(
+            f"project {logged.event.type}", context=context, kind=SpanKind.CONSUMER, attributes=attributes
+        ):
+            _log_projected(job, logged, terminal, trace_id_of())
+    else:
+        _log_projected(job, logged, terminal, trace_id_of(context))
+
+
+def _log_projected(job: JobRow, logged: LoggedEvent, terminal: bool, trace_id: str | None) -> None:
+    # One info line per job (its end); the moves before it are debug.
+    emit = log.info if terminal else log.debug
+    if trace_id is None:
+        emit("job_projected", job_id=job.id, status=job.status.value, position=logged.position)
+    else:
+        emit("job_projected", job_id=job.id, status=job.status.value, position=logged.position, trace_id=trace_id)
 
 
 def quota_columns(event: UpstreamQuotaObserved) -> dict[str, Any]:
@@ -267,6 +307,17 @@ async def _read_into(events: AsyncIterator[LoggedEvent], queue: asyncio.Queue[Lo
         await queue.put(_EndOfLog(error))
     else:
         await queue.put(_EndOfLog())
+
+
+async def _get_before(queue: asyncio.Queue[LoggedEvent | _EndOfLog], deadline: float) -> LoggedEvent | _EndOfLog | None:
+    """The next item, or None if none comes before loop time ``deadline``."""
+    if deadline <= asyncio.get_running_loop().time():
+        return None
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await queue.get()  # a get cut off by the timeout leaves the item in the queue
+    except TimeoutError:
+        return None
 
 
 async def _get_unless_stopped(

@@ -12,13 +12,15 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, select, text
+import sqlalchemy
+from sqlalchemy import Connection, Engine, select, text
 
 from bus import Bus, connect_bus
 from projector.apply import ImageState, Projection, apply_event, queued_row
@@ -189,6 +191,22 @@ async def new_bus() -> Bus:
 async def publish(bus: Bus, events: Sequence[Event]) -> None:
     for event in events:
         await bus.publish_event(event)
+
+
+@contextmanager
+def position_writes() -> Iterator[list[str]]:
+    """The statements that write a projector position, on any engine, while the block runs."""
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "projector_positions" in statement and not statement.lstrip().upper().startswith("SELECT"):
+            statements.append(statement)
+
+    sqlalchemy.event.listen(Engine, "before_cursor_execute", seen)
+    try:
+        yield statements
+    finally:
+        sqlalchemy.event.remove(Engine, "before_cursor_execute", seen)
 
 
 # --- apply rules (pure) ---------------------------------------------------------------------------
@@ -509,11 +527,14 @@ async def test_read_your_writes_then_the_projector_gives_one_row(database: Datab
     assert await table_rows(database) == expected_rows([event, started()])
 
 
-async def test_a_lone_event_is_applied_at_once_and_stop_returns_promptly(database: Database) -> None:
+@pytest.mark.parametrize("batch_wait_s", [0.0, 0.2])
+async def test_a_lone_event_is_applied_at_once_and_stop_returns_promptly(
+    database: Database, batch_wait_s: float
+) -> None:
     bus = await new_bus()
     read = ReadModel(database)
     stop = asyncio.Event()
-    task = asyncio.create_task(Projector(database, bus).run(stop=stop))
+    task = asyncio.create_task(Projector(database, bus, batch_wait_s=batch_wait_s).run(stop=stop))
     await asyncio.sleep(0.05)
     await bus.publish_event(queued())
     published = time.perf_counter()
@@ -522,6 +543,28 @@ async def test_a_lone_event_is_applied_at_once_and_stop_returns_promptly(databas
         await asyncio.sleep(0.001)
     stop.set()
     assert await asyncio.wait_for(task, timeout=1) == 1
+
+
+async def test_events_trickling_in_share_transactions(database: Database) -> None:
+    """A batch's first event waits for more: events published one by one are written in a few
+    transactions (counted by the position writes, one per transaction), not one each."""
+    bus = await new_bus()
+    log = event_log(random.Random(5), 8)
+    stop = asyncio.Event()
+    with position_writes() as writes:
+        task = asyncio.create_task(Projector(database, bus, batch_wait_s=1.0).run(stop=stop))
+        try:
+            for event in log:
+                await bus.publish_event(event)
+                await asyncio.sleep(0.001)  # each event on its own, as jobs move
+            while await Projector(database, bus).position() != len(log):
+                assert not task.done(), task
+                await asyncio.sleep(0.01)
+        finally:
+            stop.set()
+            assert await task == len(log)
+    assert await table_rows(database) == expected_rows(log)
+    assert 1 <= len(writes) <= len(log) // 4, (len(writes), len(log))
 
 
 async def test_an_interrupted_projector_ends_where_a_rebuild_does(
