@@ -79,9 +79,10 @@ class _NatsDelivery(SettleOnce):
 
     async def ack(self) -> None:
         self._settle()
+        # Not flushed (a PING/PONG round trip per job): publishing wakes nats-py's flusher, which
+        # writes the ack on the next turn of the loop, and close() writes what is left. An ack lost
+        # with a dying process only means a redelivery, which changes nothing visible.
         await self._msg.ack()
-        # Flushed so that "returned" means the server has it, not just our write buffer.
-        await self._nc.flush()
 
     async def nak(self, delay_s: float = 0.0) -> None:
         self._settle()
