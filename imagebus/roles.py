@@ -260,6 +260,7 @@ async def run_projector(settings: ProjectorSettings, *, rebuild_first: bool = Fa
             name=settings.name,
             batch_size=settings.batch_size,
             batch_wait_s=settings.batch_wait_s,
+            batch_gap_s=settings.batch_gap_s,
             spans=bool(settings.otlp_endpoint),  # a span no exporter takes is pure cost
         )
         async with metrics_endpoint(settings.metrics_host, settings.metrics_port), asyncio.TaskGroup() as roles:

@@ -195,9 +195,11 @@ class ProjectorSettings(_RoleSettings, _BusMixin, _DatabaseMixin):
 
     name: str = "projector"
     batch_size: int = 100
-    # How long a batch's first event waits for more before the batch is written: the read model
-    # lags by up to this, and a trickle of events shares one transaction instead of one each.
+    # While events keep arriving less than batch_gap_s apart, a batch waits for more, at most
+    # batch_wait_s in all: a trickle of events shares one transaction instead of one each, and
+    # the read model lags by at most batch_wait_s (a lone event by batch_gap_s).
     batch_wait_s: float = Field(0.02, ge=0)
+    batch_gap_s: float = Field(0.002, ge=0)
     # The stall watchdog beside it fails a processing job with no event (heartbeats included) for
     # this long; 0 turns it off. Keep it well above the workers' heartbeat event interval.
     stall_after_s: float = 600.0

@@ -34,6 +34,7 @@ log = structlog.get_logger(__name__)
 # How long a batch's first event waits for more (IMAGEBUS_PROJECTOR_BATCH_WAIT_S): the read model
 # lags by at most this, and under a trickle of events tens of them share one transaction.
 DEFAULT_BATCH_WAIT_S = 0.02
+DEFAULT_BATCH_GAP_S = 0.002
 
 # Statements built once: building one (and its cache key) per call costs more than SQLite running it.
 _JOBS_BY_ID = select(jobs).where(jobs.c.id.in_(bindparam("ids", expanding=True)))
@@ -67,18 +68,20 @@ class Projector:
         name: str = "projector",
         batch_size: int = 100,
         batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
+        batch_gap_s: float = DEFAULT_BATCH_GAP_S,
         spans: bool = True,
         caught_up_after_s: float = 1.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        if batch_wait_s < 0:
-            raise ValueError("batch_wait_s must not be negative")
+        if batch_wait_s < 0 or batch_gap_s < 0:
+            raise ValueError("batch_wait_s and batch_gap_s must not be negative")
         self._database = database
         self._bus = bus
         self._name = name
         self._batch_size = batch_size
         self._batch_wait_s = batch_wait_s
+        self._batch_gap_s = batch_gap_s
         # Spans of projected jobs: worth making only where an exporter sends them somewhere.
         self._spans = spans
         # Waiting this long on an empty log means it has caught up (catching up after a restart, it
@@ -138,7 +141,8 @@ class Projector:
     async def _next_batch(
         self, queue: asyncio.Queue[LoggedEvent | _EndOfLog], stopped: asyncio.Task[bool] | None
     ) -> tuple[list[LoggedEvent], _EndOfLog | None]:
-        """Wait for one event, then gather more for up to batch_wait_s, up to batch_size.
+        """Wait for one event, then gather more while they keep coming (each within batch_gap_s of
+        the last), for up to batch_wait_s in all, up to batch_size.
 
         Also returns the end of the log if it was reached; an empty batch and no end mean stopped.
         """
@@ -148,7 +152,9 @@ class Projector:
         item = await _get_unless_stopped(queue, stopped)
         self._waiting_since = None
         # Events trickle in as jobs move; a transaction (BEGIN, position, COMMIT, thread hop) costs
-        # far more than an event in it, so the first event waits a moment for company.
+        # far more than an event in it, so a batch waits for company while events keep arriving.
+        # A lone event (none follows within the gap) is written after the gap, so a job's end
+        # reaches the read model at once on a quiet stack.
         deadline = loop.time() + self._batch_wait_s
         batch: list[LoggedEvent] = []
         handed_over = False
@@ -161,7 +167,7 @@ class Projector:
                 await asyncio.sleep(0)
                 handed_over = True
             if queue.empty():
-                next_item = await _get_before(queue, deadline)
+                next_item = await _get_before(queue, min(deadline, loop.time() + self._batch_gap_s))
                 if next_item is None:
                     return batch, None
                 item = next_item
