@@ -26,7 +26,9 @@ _MAX_REQUEST_BYTES = 8192
 def configure_tracing(service_name: str, otlp_endpoint: str | None) -> None:
     """Record spans in this process, exporting them over OTLP/HTTP when an endpoint is given.
 
-    Without an endpoint spans are still made (trace ids in logs and message headers), just not sent.
+    Without an endpoint the spans a role still makes are not sent; the ingress and the projector
+    then make none (``spans=False`` in imagebus/roles.py) and carry just the trace id into logs and
+    message headers.
     """
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     if otlp_endpoint:

@@ -365,7 +365,7 @@ async def run_ingress(settings: IngressSettings) -> None:
             yield
 
     config = ingress_config(settings)
-    app = create_app(config)
+    app = create_app(config, spans=bool(settings.otlp_endpoint))  # a span no exporter takes is pure cost
     server = Server(
         uvicorn.Config(
             app,

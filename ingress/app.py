@@ -28,7 +28,10 @@ from ingress.telemetry import RequestTelemetry, sample_queue_depths
 from storage.object_store import s3_client
 
 
-def create_app(config: IngressConfig) -> Litestar:
+def create_app(config: IngressConfig, *, spans: bool = True) -> Litestar:
+    """``spans``: an OpenTelemetry SDK span per request (where an exporter takes them); without,
+    requests still carry their trace id into logs and bus headers."""
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with open_services(config) as services, services.live.running():
@@ -66,7 +69,7 @@ def create_app(config: IngressConfig) -> Litestar:
         # Hostile input first: refused before anything else is spent on it.
         middleware=[
             # Outermost: every answer is counted and traced, refusals included.
-            RequestTelemetry(),
+            RequestTelemetry(spans=spans),
             PlainInput(),
             BodyLimits(config.max_body_bytes, config.body_timeout_s),
             RateLimitMiddleware(limiter),

@@ -1,7 +1,9 @@
 """Metrics and traces of real role processes (issue 6): ``imagebus ingress``, ``worker --backend
 remote`` (against the fake image API) and ``projector``, each its own process on NATS, as they
 run in a cluster. After a job, each role's ``/metrics`` counts it with its backend and model, and
-the job's log lines in all three processes carry one trace id."""
+the job's log lines in all three processes carry one trace id (no exporter is set, so the ingress
+makes no SDK span per request: a test below holds that its trace still reaches logs and bus
+headers)."""
 
 from __future__ import annotations
 
@@ -15,11 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+from litestar import Litestar, get
+from litestar.testing import AsyncTestClient
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from bus import BusOptions
+from bus.tracing import trace_headers
 from imagebus.catalog import load_catalog
+from imagebus.logging import add_trace_id
 from imagebus.process import ManagedProcess, free_port
+from ingress.telemetry import RequestTelemetry
 from schemas import Catalog, ModelSpec, RemoteEndpoint
 from storage.object_store import S3Config
 from tests.chaos_rig import NatsBroker, role_env, start_role, wait_logged
@@ -230,3 +242,54 @@ async def test_ready_answers_503_while_the_bus_is_down_and_200_once_it_is_back(
                 await asyncio.sleep(0.2)
     finally:
         broker.close()
+
+
+@pytest.fixture
+def recorded_spans() -> Iterator[InMemorySpanExporter]:
+    """Every SDK span ended while the test runs (an SDK provider installed if none is yet)."""
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()  # the processor stays with the provider; a shut exporter keeps nothing
+
+
+def _seen_app(*, spans: bool) -> Litestar:
+    @get("/seen", sync_to_thread=False)
+    def seen() -> dict[str, Any]:
+        # What a log line (imagebus.logging) and a publish (every bus adapter) take of the request.
+        return {"log": add_trace_id(None, "seen", {}), "headers": trace_headers()}
+
+    return Litestar(route_handlers=[seen], middleware=[RequestTelemetry(spans=spans)])
+
+
+async def test_without_an_exporter_a_request_has_no_sdk_span_yet_its_trace_reaches_logs_and_bus_headers(
+    recorded_spans: InMemorySpanExporter,
+) -> None:
+    parent_span_id = CALLER_TRACEPARENT.split("-")[2]
+    async with AsyncTestClient(_seen_app(spans=False)) as client:
+        traced = (await client.get("/seen", headers={"traceparent": CALLER_TRACEPARENT})).json()
+        untraced = [(await client.get("/seen")).json() for _ in range(2)]
+    assert recorded_spans.get_finished_spans() == ()
+
+    # The caller's trace continued, under a span id of the ingress's own.
+    assert traced["log"] == {"trace_id": CALLER_TRACE_ID}
+    version, trace_id, span_id, flags = traced["headers"]["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", CALLER_TRACE_ID, "01")
+    assert span_id != parent_span_id and int(span_id, 16) != 0
+    # Else a new sampled trace per request, the same in its log lines and its bus headers.
+    for seen in untraced:
+        _, trace_id, _, flags = seen["headers"]["traceparent"].split("-")
+        assert seen["log"] == {"trace_id": trace_id} and flags == "01" and int(trace_id, 16) != 0
+    assert untraced[0]["log"] != untraced[1]["log"]
+
+    # With an exporter, the same request is an SDK span in the same trace.
+    async with AsyncTestClient(_seen_app(spans=True)) as client:
+        exported = (await client.get("/seen", headers={"traceparent": CALLER_TRACEPARENT})).json()
+    [span] = recorded_spans.get_finished_spans()
+    assert span.name == "GET /seen" and format(span.context.trace_id, "032x") == CALLER_TRACE_ID
+    assert exported["headers"]["traceparent"].split("-")[2] == format(span.context.span_id, "016x")
+    assert span.attributes is not None and span.attributes["http.response.status_code"] == 200
