@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -31,6 +32,7 @@ from schemas import (
     JobProgress,
     JobStarted,
     JobSucceeded,
+    UpstreamQuotaObserved,
     terminal_message_id,
 )
 from storage.object_store import ObjectStore
@@ -41,6 +43,7 @@ from workers.backends.base import (
     Progress,
     ProgressCallback,
     RetryableError,
+    SiteQuota,
 )
 from workers.runtime import Worker, WorkerOptions
 
@@ -334,3 +337,40 @@ async def test_a_second_terminal_event_of_a_job_is_dropped_by_the_log(
     )
     events = await _events(worker_bus, command.job_id)
     assert [e.type for e in events if isinstance(e, JobSucceeded | JobFailed | JobCanceled)] == ["JobSucceeded"]
+
+
+class QuotaBackend(ScriptedBackend):
+    """Answers every call with the same figures under a rolling window's ``resets_at``, which
+    moves on every answer (as a remote API's rate-limit headers do)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(steps=1, **kwargs)
+        self.remaining = 90
+
+    async def site_quota(self) -> SiteQuota:  # type: ignore[override]
+        return SiteQuota(
+            "api", used=100 - self.remaining, limit=100, remaining=self.remaining, resets_at=datetime.now(UTC)
+        )
+
+
+async def _quota_events(bus: Bus) -> list[UpstreamQuotaObserved]:
+    async with bus.read_events(idle_timeout_s=0.3) as events:
+        return [logged.event async for logged in events if isinstance(logged.event, UpstreamQuotaObserved)]
+
+
+async def test_a_quota_whose_only_change_is_its_reset_time_is_published_once_not_per_job(
+    worker_bus: Bus, object_store: ObjectStore
+) -> None:
+    backend = QuotaBackend()
+    for _ in range(4):
+        await worker_bus.publish_command(_command())
+    await _worker(worker_bus, object_store, backend).run(idle_timeout_s=0.5)
+    assert backend.calls == 4
+    [first] = await _quota_events(worker_bus)
+    assert (first.used, first.limit, first.remaining) == (10, 100, 90)
+
+    # Figures that change are news at once.
+    backend.remaining = 89
+    await worker_bus.publish_command(_command())
+    await _worker(worker_bus, object_store, backend).run(idle_timeout_s=0.5)
+    assert [e.remaining for e in await _quota_events(worker_bus)] == [90, 89]

@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import structlog
@@ -70,6 +70,10 @@ _SHUTDOWN = "worker shutting down"
 _BUS_RETRY_DELAY_S = 5.0
 # Threads encoding finished images (Pillow releases the GIL while it compresses).
 _ENCODING_THREADS = 2
+# An upstream quota whose only change is its resets_at (a rolling window moves it on every
+# answer) is published at most this often, not on nearly every job; figures that change
+# (used, limit, remaining) are published at once.
+_QUOTA_DRIFT_INTERVAL_S = 5.0
 
 # What a backend call came to for one job: its images, or the error it ended in.
 _Result = Sequence[BackendImage] | BaseException
@@ -155,6 +159,7 @@ class Worker:
         # The pending linger timer's due time (uvloop's timer handles have no when()).
         self._linger_due: float | None = None
         self._last_quota: SiteQuota | None = None
+        self._last_quota_at = 0.0  # monotonic time of the last UpstreamQuotaObserved
         self._room = asyncio.Event()
         self._room.set()
         # Cancels that arrived before their job did (bounded: only recent ones matter).
@@ -550,7 +555,7 @@ class Worker:
         """Publish the outside service's quota when the backend has one and it changed."""
         try:
             quota = await self._backend.site_quota()
-            if quota is None or quota == self._last_quota:
+            if quota is None or not self._quota_news(quota):
                 return
             await self._bus.publish_event(
                 UpstreamQuotaObserved(
@@ -564,8 +569,17 @@ class Worker:
                 )
             )
             self._last_quota = quota
+            self._last_quota_at = time.monotonic()
         except Exception as exc:  # informational: never let it disturb the jobs
             log.warning("upstream_quota_failed", error=str(exc))
+
+    def _quota_news(self, quota: SiteQuota) -> bool:
+        """Whether ``quota`` is worth an event: its figures changed, or only its ``resets_at``
+        moved (which a rolling window does on every answer) and the last event is old enough."""
+        last = self._last_quota
+        if last is None or replace(quota, resets_at=None) != replace(last, resets_at=None):
+            return True
+        return quota.resets_at != last.resets_at and (time.monotonic() - self._last_quota_at >= _QUOTA_DRIFT_INTERVAL_S)
 
     def _settle_canceled_later(self, loop: asyncio.AbstractEventLoop, held: _Held) -> Callable[[], None]:
         """A cancel listener (called on any thread) that settles ``held`` on the loop."""
