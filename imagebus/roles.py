@@ -184,6 +184,7 @@ def worker_options(settings: WorkerSettings) -> WorkerOptions:
         batch_linger_s=settings.batch_linger_s,
         batch_burst_gap_s=settings.batch_burst_gap_s,
         image_format=ImageFormat(settings.image_format, settings.image_quality, settings.png_compress_level),
+        spans=bool(settings.otlp_endpoint),  # a span no exporter takes is pure cost
     )
 
 

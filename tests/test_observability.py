@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,20 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
-from bus import BusOptions
-from bus.tracing import trace_headers
+from bus import BusOptions, LoggedEvent, connect_bus
+from bus.tracing import attached, trace_context, trace_headers
 from imagebus.catalog import load_catalog
 from imagebus.logging import add_trace_id
 from imagebus.process import ManagedProcess, free_port
 from ingress.telemetry import RequestTelemetry
-from schemas import Catalog, ModelSpec, RemoteEndpoint
-from storage.object_store import S3Config
+from schemas import Catalog, ImageStored, JobStarted, JobSucceeded, ModelSpec, RemoteEndpoint
+from storage.object_store import ObjectStore, S3Config
 from tests.chaos_rig import NatsBroker, role_env, start_role, wait_logged
 from tests.fakes.image_api import FakeImageApi
 from tests.stack import running_stack
-from workers.backends.base import Backend
+from tests.test_worker_runtime import ScriptedBackend, _command
+from workers.backends.base import Backend, GeneratedImage, JobRequest
+from workers.runtime import Worker, WorkerOptions
 
 TOKEN = "sk-observed"
 API_KEY = "ib_test_observer_" + uuid.uuid4().hex
@@ -293,3 +295,48 @@ async def test_without_an_exporter_a_request_has_no_sdk_span_yet_its_trace_reach
     assert span.name == "GET /seen" and format(span.context.trace_id, "032x") == CALLER_TRACE_ID
     assert exported["headers"]["traceparent"].split("-")[2] == format(span.context.span_id, "016x")
     assert span.attributes is not None and span.attributes["http.response.status_code"] == 200
+
+
+class _SeeingBackend(ScriptedBackend):
+    """Notes what a log line takes of the job's trace while the job runs (on its thread)."""
+
+    def __init__(self) -> None:
+        super().__init__(steps=1)
+        self.logged: list[Mapping[str, Any]] = []
+
+    async def generate(self, job: JobRequest) -> list[GeneratedImage]:
+        self.logged.append(add_trace_id(None, "generating", {}))
+        return await super().generate(job)
+
+
+async def _worker_run(object_store: ObjectStore, *, spans: bool) -> tuple[_SeeingBackend, list[LoggedEvent]]:
+    bus = await connect_bus(f"memory://{uuid.uuid4().hex}", BusOptions(namespace=f"t{uuid.uuid4().hex[:10]}"))
+    try:
+        command = _command()
+        with attached(trace_context({"traceparent": CALLER_TRACEPARENT})):  # as the ingress publishes it
+            await bus.publish_command(command)
+        backend = _SeeingBackend()
+        await Worker(bus, object_store, backend, WorkerOptions(worker_id="w", spans=spans)).run(idle_timeout_s=0.5)
+        async with bus.read_events(idle_timeout_s=0.3) as events:
+            return backend, [logged async for logged in events if logged.event.job_id == command.job_id]
+    finally:
+        await bus.close()
+
+
+async def test_without_an_exporter_a_job_has_no_worker_sdk_span_yet_its_trace_reaches_logs_and_events(
+    recorded_spans: InMemorySpanExporter, object_store: ObjectStore
+) -> None:
+    backend, events = await _worker_run(object_store, spans=False)
+    assert [span.name for span in recorded_spans.get_finished_spans()] == []
+    assert backend.logged == [{"trace_id": CALLER_TRACE_ID}]
+    assert [type(logged.event) for logged in events] == [JobStarted, ImageStored, JobSucceeded]
+    for logged in events:
+        assert logged.trace_headers["traceparent"].split("-")[1] == CALLER_TRACE_ID
+
+    # With an exporter, the job is one worker span in the same trace, its events published in it.
+    backend, events = await _worker_run(object_store, spans=True)
+    [span] = recorded_spans.get_finished_spans()
+    assert span.name == "generate scripted" and format(span.context.trace_id, "032x") == CALLER_TRACE_ID
+    assert backend.logged == [{"trace_id": CALLER_TRACE_ID}]
+    span_id = format(span.context.span_id, "016x")
+    assert all(logged.trace_headers["traceparent"].split("-")[2] == span_id for logged in events)

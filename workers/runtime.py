@@ -102,6 +102,9 @@ class WorkerOptions:
     batch_burst_gap_s: float = 0.01
     # How images a backend hands back as pixels are encoded.
     image_format: ImageFormat = field(default_factory=ImageFormat)
+    # An OpenTelemetry SDK span per job, worth making only where an exporter takes it; without
+    # one the job keeps its publisher's trace context, so logs and events carry its trace id.
+    spans: bool = True
 
 
 @dataclass(eq=False)
@@ -426,6 +429,8 @@ class Worker:
 
     def _begin_trace(self, held: _Held) -> None:
         """This worker's span for the job, a child of the publisher's (the ingress request)."""
+        if not self._options.spans:
+            return  # held.trace already is the publisher's: its trace id reaches logs and events
         command = held.command
         held.span = tracer.start_span(
             f"generate {self._backend.name}",
