@@ -147,8 +147,7 @@ class SQLiteDatabase(Database):
         arguments = query.arguments(params)
         connection = getattr(self._caller, "connection", None)
         if connection is None:
-            # Opening the file (and its pragmas, which may wait on a lock) happens off the loop.
-            connection = self._caller.connection = await asyncio.to_thread(self._point_read_connection)
+            connection = await self._open_point_read_connection()
         try:
             # One statement in autocommit mode: its own read transaction, so one snapshot. In WAL
             # mode a reader is almost never busy (a writer does not block it); when it is, the
@@ -159,6 +158,21 @@ class SQLiteDatabase(Database):
                 raise
             rows = await self.read(lambda conn: _driver(conn).execute(query.sql, arguments).fetchall())
         return query.processed(rows)
+
+    async def _open_point_read_connection(self) -> sqlite3.Connection:
+        """The loop's connection, opened off the loop (its pragmas may wait on a lock) and once: the
+        reads that arrive while it opens wait for the same one, since each opened connection holds
+        one of the pool's for good (a burst of first requests used to exhaust it)."""
+        opening: asyncio.Future[sqlite3.Connection] | None = getattr(self._caller, "opening", None)
+        if opening is None:
+            opening = self._caller.opening = asyncio.ensure_future(asyncio.to_thread(self._point_read_connection))
+        try:
+            connection = await asyncio.shield(opening)
+        finally:
+            if opening.done() and getattr(self._caller, "opening", None) is opening:
+                self._caller.opening = None  # opened, or failed: the next read tries again
+        self._caller.connection = connection
+        return connection
 
     def _point_read_connection(self) -> sqlite3.Connection:
         raw = self._engine.raw_connection()

@@ -85,6 +85,23 @@ async def test_point_read_matches_sqlalchemy_execution(database_url: str) -> Non
         await database.dispose()
 
 
+async def test_a_burst_of_first_point_reads_opens_one_connection(tmp_path: Path) -> None:
+    """Reads that arrive together before the loop's connection exists share its opening: each
+    opening its own once held a pooled connection apiece for good, and a burst of SSE connects
+    exhausted the pool (500s after a 30 s wait)."""
+    database = create_database(f"sqlite:///{tmp_path / 'readmodel.db'}")
+    try:
+        await create_schema(database)
+        await database.write(lambda conn: conn.execute(jobs.insert(), [JOB]))
+        params = {"job_id": "j1", "owner": "alice"}
+        burst = asyncio.gather(*(database.point_read(JOB_WITH_IMAGES, params) for _ in range(100)))
+        reads = await asyncio.wait_for(burst, 20)  # the pool's own wait is 30 s
+        assert all(len(rows) == 1 for rows in reads)
+        assert len(database._raw_connections) == 1  # type: ignore[attr-defined]
+    finally:
+        await database.dispose()
+
+
 async def test_a_locked_sqlite_database_is_waited_for_off_the_event_loop(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'readmodel.db'}"
     setup = create_database(url)
