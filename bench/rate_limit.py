@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -38,8 +35,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
-
-from imagebus.process import free_port, port_open
+from worker_runs import ingress_process
 
 KEY = "bench-" + uuid.uuid4().hex
 ROUTE = "/api/models"
@@ -58,40 +54,26 @@ MODES = {"off": ("0", 200), "on": ("1000000000", 200), "over": ("1", 429)}
 @asynccontextmanager
 async def replica(database_url: str, mode: str) -> AsyncIterator[httpx.AsyncClient]:
     """An `imagebus ingress` process and a client for it; the limiter off, on, or spent."""
-    port = free_port()
     limit, status = MODES[mode]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBUS_")}
-    env.update(
-        IMAGEBUS_BUS_URL=f"memory://{uuid.uuid4().hex}",
-        IMAGEBUS_DATABASE_URL=database_url,
-        IMAGEBUS_API_KEYS=KEY,
-        IMAGEBUS_KEY_SECRET=uuid.uuid4().hex,
-        IMAGEBUS_LOG_LEVEL="warning",
-        IMAGEBUS_INGRESS_RATE_LIMIT_KEY=limit,
-        IMAGEBUS_INGRESS_RATE_LIMIT_IP=limit,
-    )
-    log = tempfile.NamedTemporaryFile(prefix="imagebus-bench-ingress-", suffix=".log", delete=False)  # noqa: SIM115
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "imagebus", "ingress", "--port", str(port), env=env, stdout=log, stderr=log
-    )
-    try:
-        while not port_open(port):
-            if process.returncode is not None:
-                raise RuntimeError(f"imagebus ingress exited with {process.returncode}; see {log.name}")
-            await asyncio.sleep(0.1)
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": KEY}, timeout=30
-        ) as client:
-            # "over": its first request spends the limits (unless another replica's already
-            # spent the address's, which they share).
-            response = await client.get(ROUTE)
-            assert response.status_code in (200, status), response.text
-            assert ("RateLimit" in response.headers) == (mode != "off"), response.headers
-            yield client
-    finally:
-        process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 30)
-        log.close()
+    settings = {
+        "IMAGEBUS_BUS_URL": f"memory://{uuid.uuid4().hex}",
+        "IMAGEBUS_DATABASE_URL": database_url,
+        "IMAGEBUS_API_KEYS": KEY,
+        "IMAGEBUS_KEY_SECRET": uuid.uuid4().hex,
+        "IMAGEBUS_LOG_LEVEL": "warning",
+        "IMAGEBUS_INGRESS_RATE_LIMIT_KEY": limit,
+        "IMAGEBUS_INGRESS_RATE_LIMIT_IP": limit,
+    }
+    async with (
+        ingress_process(settings) as (port, _pid),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": KEY}, timeout=30) as client,
+    ):
+        # "over": its first request spends the limits (unless another replica's already
+        # spent the address's, which they share).
+        response = await client.get(ROUTE)
+        assert response.status_code in (200, status), response.text
+        assert ("RateLimit" in response.headers) == (mode != "off"), response.headers
+        yield client
 
 
 async def sequential(client: httpx.AsyncClient, requests: int, status: int) -> list[float]:

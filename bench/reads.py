@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
-import signal
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -39,9 +36,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from control_plane import start_profilers, stop_profilers, summarise
+from worker_runs import cpu_seconds, ingress_process
 
 from bus import BusOptions, connect_bus
-from imagebus.process import free_port, port_open
 from ingress.auth import KeyRing
 from projector.database import create_database, create_schema
 from projector.service import Projector
@@ -59,12 +56,6 @@ from schemas import (
 KEY = "bench-" + uuid.uuid4().hex
 SECRET = uuid.uuid4().hex
 _CONTENT_LENGTH = re.compile(rb"content-length:\s*(\d+)", re.IGNORECASE)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def write_completed_job(database_url: str) -> str:
@@ -112,32 +103,18 @@ class Ingress:
 
 @asynccontextmanager
 async def ingress(database_url: str, *, rate_limits: bool) -> AsyncIterator[Ingress]:
-    port = free_port()
     limit = "1000000000" if rate_limits else "0"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBUS_")}
-    env.update(
-        IMAGEBUS_BUS_URL=f"memory://{uuid.uuid4().hex}",
-        IMAGEBUS_DATABASE_URL=database_url,
-        IMAGEBUS_API_KEYS=KEY,
-        IMAGEBUS_KEY_SECRET=SECRET,
-        IMAGEBUS_LOG_LEVEL="warning",
-        IMAGEBUS_INGRESS_RATE_LIMIT_KEY=limit,
-        IMAGEBUS_INGRESS_RATE_LIMIT_IP=limit,
-    )
-    log = tempfile.NamedTemporaryFile(prefix="imagebus-bench-reads-", suffix=".log", delete=False)  # noqa: SIM115
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "imagebus", "ingress", "--port", str(port), env=env, stdout=log, stderr=log
-    )
-    try:
-        while not port_open(port):
-            if process.returncode is not None:
-                raise RuntimeError(f"imagebus ingress exited with {process.returncode}; see {log.name}")
-            await asyncio.sleep(0.1)
-        yield Ingress(port, process.pid)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 30)
-        log.close()
+    settings = {
+        "IMAGEBUS_BUS_URL": f"memory://{uuid.uuid4().hex}",
+        "IMAGEBUS_DATABASE_URL": database_url,
+        "IMAGEBUS_API_KEYS": KEY,
+        "IMAGEBUS_KEY_SECRET": SECRET,
+        "IMAGEBUS_LOG_LEVEL": "warning",
+        "IMAGEBUS_INGRESS_RATE_LIMIT_KEY": limit,
+        "IMAGEBUS_INGRESS_RATE_LIMIT_IP": limit,
+    }
+    async with ingress_process(settings, log_prefix="imagebus-bench-reads-") as (port, pid):
+        yield Ingress(port, pid)
 
 
 async def lane(port: int, path: str, count: int) -> None:

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
-import signal
-import sys
 import tempfile
 import time
 import uuid
@@ -30,8 +27,10 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker_runs import cpu_seconds, ingress_process
+
 from imagebus.nats_server import start_nats
-from imagebus.process import free_port, port_open
+from imagebus.process import free_port
 from ingress.auth import KeyRing
 from projector.database import create_database, create_schema
 from projector.readside import ReadModel
@@ -50,12 +49,6 @@ def raise_fd_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def write_pending_jobs(database_url: str, count: int) -> list[str]:
@@ -85,34 +78,20 @@ class Ingress:
 
 @asynccontextmanager
 async def ingress(bus_url: str, database_url: str, max_streams: int) -> AsyncIterator[Ingress]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBUS_")}
-    env.update(
-        IMAGEBUS_BUS_URL=bus_url,
-        IMAGEBUS_BUS_NAMESPACE=f"bench{uuid.uuid4().hex[:8]}",
-        IMAGEBUS_DATABASE_URL=database_url,
-        IMAGEBUS_API_KEYS=KEY,
-        IMAGEBUS_KEY_SECRET=SECRET,
-        IMAGEBUS_LOG_LEVEL="warning",
-        IMAGEBUS_INGRESS_RATE_LIMIT_KEY="0",
-        IMAGEBUS_INGRESS_RATE_LIMIT_IP="0",
-        IMAGEBUS_INGRESS_MAX_STREAMS=str(max_streams),
-        IMAGEBUS_INGRESS_MAX_CONNECTIONS=str(max_streams + 1000),
-    )
-    log = tempfile.NamedTemporaryFile(prefix="imagebus-bench-sse-", suffix=".log", delete=False)  # noqa: SIM115
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "imagebus", "ingress", "--port", str(port), env=env, stdout=log, stderr=log
-    )
-    try:
-        while not port_open(port):
-            if process.returncode is not None:
-                raise RuntimeError(f"imagebus ingress exited with {process.returncode}; see {log.name}")
-            await asyncio.sleep(0.1)
-        yield Ingress(port, process.pid)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 60)
-        log.close()
+    settings = {
+        "IMAGEBUS_BUS_URL": bus_url,
+        "IMAGEBUS_BUS_NAMESPACE": f"bench{uuid.uuid4().hex[:8]}",
+        "IMAGEBUS_DATABASE_URL": database_url,
+        "IMAGEBUS_API_KEYS": KEY,
+        "IMAGEBUS_KEY_SECRET": SECRET,
+        "IMAGEBUS_LOG_LEVEL": "warning",
+        "IMAGEBUS_INGRESS_RATE_LIMIT_KEY": "0",
+        "IMAGEBUS_INGRESS_RATE_LIMIT_IP": "0",
+        "IMAGEBUS_INGRESS_MAX_STREAMS": str(max_streams),
+        "IMAGEBUS_INGRESS_MAX_CONNECTIONS": str(max_streams + 1000),
+    }
+    async with ingress_process(settings, log_prefix="imagebus-bench-sse-", stop_timeout_s=60) as (port, pid):
+        yield Ingress(port, pid)
 
 
 class Stream:

@@ -24,10 +24,7 @@ import asyncio
 import functools
 import hashlib
 import hmac
-import os
-import signal
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -38,8 +35,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+from worker_runs import cpu_seconds, ingress_process
 
-from imagebus.process import free_port, port_open
 from projector.apply import queued_row
 from projector.database import create_database, create_schema, insert_if_absent
 from projector.tables import jobs
@@ -53,7 +50,6 @@ BODY = {"prompt": "a lighthouse at dusk", "model": MODEL, "num_images": 1}
 # Jobs of the history still pending: the active-jobs count has something to count.
 ACTIVE = 20
 CHUNK = 5_000
-TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 async def write_history(database_url: str, size: int) -> None:
@@ -86,54 +82,35 @@ async def write_history(database_url: str, size: int) -> None:
 @asynccontextmanager
 async def ingress(database_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, int]]:
     """An `imagebus ingress` process over ``database_url``, a client for it, and its pid."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBUS_")}
-    env.update(
-        IMAGEBUS_BUS_URL=f"memory://{uuid.uuid4().hex}",
-        IMAGEBUS_DATABASE_URL=database_url,
-        IMAGEBUS_API_KEYS=KEY,
-        IMAGEBUS_KEY_SECRET=SECRET,
-        IMAGEBUS_LOG_LEVEL="warning",
-        IMAGEBUS_INGRESS_QUOTA_ACTIVE_JOBS=str(10**9),
-        IMAGEBUS_INGRESS_QUOTA_DAILY_IMAGES=str(10**9),
-        IMAGEBUS_INGRESS_MAX_QUEUE_DEPTH=str(10**9),
-        IMAGEBUS_INGRESS_RATE_LIMIT_KEY=str(10**9),
-        IMAGEBUS_INGRESS_RATE_LIMIT_IP=str(10**9),
-    )
-    log = tempfile.NamedTemporaryFile(prefix="imagebus-bench-ingress-", suffix=".log", delete=False)  # noqa: SIM115
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "imagebus", "ingress", "--port", str(port), env=env, stdout=log, stderr=log
-    )
-    try:
-        while not port_open(port):
-            if process.returncode is not None:
-                raise RuntimeError(f"imagebus ingress exited with {process.returncode}; see {log.name}")
-            await asyncio.sleep(0.1)
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": KEY}, timeout=30
-        ) as client:
-            yield client, process.pid
-    finally:
-        process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 30)
-        log.close()
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S  # utime, stime
+    settings = {
+        "IMAGEBUS_BUS_URL": f"memory://{uuid.uuid4().hex}",
+        "IMAGEBUS_DATABASE_URL": database_url,
+        "IMAGEBUS_API_KEYS": KEY,
+        "IMAGEBUS_KEY_SECRET": SECRET,
+        "IMAGEBUS_LOG_LEVEL": "warning",
+        "IMAGEBUS_INGRESS_QUOTA_ACTIVE_JOBS": str(10**9),
+        "IMAGEBUS_INGRESS_QUOTA_DAILY_IMAGES": str(10**9),
+        "IMAGEBUS_INGRESS_MAX_QUEUE_DEPTH": str(10**9),
+        "IMAGEBUS_INGRESS_RATE_LIMIT_KEY": str(10**9),
+        "IMAGEBUS_INGRESS_RATE_LIMIT_IP": str(10**9),
+    }
+    async with (
+        ingress_process(settings) as (port, pid),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": KEY}, timeout=30) as client,
+    ):
+        yield client, pid
 
 
 async def submit_round(client: httpx.AsyncClient, pid: int, submits: int) -> tuple[float, float]:
     """CPU-ms of the ingress per submit, and the median latency in ms, over ``submits`` submits."""
     latencies = []
-    cpu_before = cpu_s(pid)
+    cpu_before = cpu_seconds(pid)
     for _ in range(submits):
         start = time.perf_counter()
         response = await client.post("/api/generate", json=BODY)
         latencies.append(time.perf_counter() - start)
         assert response.status_code == 202, response.text
-    return (cpu_s(pid) - cpu_before) / submits * 1e3, statistics.median(latencies) * 1e3
+    return (cpu_seconds(pid) - cpu_before) / submits * 1e3, statistics.median(latencies) * 1e3
 
 
 def spread(values: list[float]) -> str:

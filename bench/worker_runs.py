@@ -1,5 +1,6 @@
 """What the benchmarks share: a throwaway S3 server, timing jobs through a Worker, the embedded stack
-(`imagebus up`) as a subprocess with its role processes named, and their CPU time from /proc."""
+(`imagebus up`) as a subprocess with its role processes named, a lone `imagebus ingress` process,
+and their CPU time from /proc."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bus import BusOptions, connect_bus
-from imagebus.process import free_port
+from imagebus.process import free_port, port_open
 from imagebus.s3_server import start_s3_server
 from schemas import GenerateImage, GenerationParams, JobFailed, JobSucceeded
 from storage.object_store import ObjectStore, S3Config
@@ -85,6 +86,32 @@ GENEROUS_LIMITS = {
     "IMAGEBUS_INGRESS_QUOTA_DAILY_IMAGES": str(10**9),
     "IMAGEBUS_INGRESS_MAX_QUEUE_DEPTH": str(10**6),
 }
+
+
+@asynccontextmanager
+async def ingress_process(
+    settings: Mapping[str, str], *, log_prefix: str = "imagebus-bench-ingress-", stop_timeout_s: float = 30
+) -> AsyncIterator[tuple[int, int]]:
+    """An `imagebus ingress` process with ``settings`` (IMAGEBUS_* variables; none inherited from
+    this environment) on a free port: its port and pid once it listens; SIGTERM on the way out."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBUS_")}
+    env.update(settings)
+    log = tempfile.NamedTemporaryFile(prefix=log_prefix, suffix=".log", delete=False)  # noqa: SIM115
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "imagebus", "ingress", "--port", str(port), env=env, stdout=log, stderr=log
+    )
+    try:
+        while not port_open(port):
+            if process.returncode is not None:
+                raise RuntimeError(f"imagebus ingress exited with {process.returncode}; see {log.name}")
+            await asyncio.sleep(0.1)
+        yield port, process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), stop_timeout_s)
+        log.close()
+
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
