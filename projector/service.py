@@ -31,8 +31,9 @@ from schemas.metrics import JOBS
 
 log = structlog.get_logger(__name__)
 
-# How long a batch's first event waits for more (IMAGEBUS_PROJECTOR_BATCH_WAIT_S): the read model
-# lags by at most this, and under a trickle of events tens of them share one transaction.
+# While events keep arriving less than the gap apart, a batch waits for more, at most the wait in
+# all (IMAGEBUS_PROJECTOR_BATCH_GAP_S, _BATCH_WAIT_S): under a trickle of events tens of them share
+# one transaction, and the read model lags by at most the wait (a lone event by the gap).
 DEFAULT_BATCH_WAIT_S = 0.02
 DEFAULT_BATCH_GAP_S = 0.002
 
@@ -243,7 +244,7 @@ def _report(transition: Transition, logged: LoggedEvent, *, spans: bool) -> None
     JOBS.labels(job.status.value, job.backend, job.model).inc()
     terminal = job.status.is_terminal()
     if not (spans or terminal):
-        log.debug("job_projected", job_id=job.id, status=job.status.value, position=logged.position)
+        _log_projected(job, logged, terminal, None)
         return
     context = trace_context(logged.trace_headers)
     if spans and trace.get_current_span(context).get_span_context().trace_flags.sampled:
@@ -259,10 +260,8 @@ def _report(transition: Transition, logged: LoggedEvent, *, spans: bool) -> None
 def _log_projected(job: JobRow, logged: LoggedEvent, terminal: bool, trace_id: str | None) -> None:
     # One info line per job (its end); the moves before it are debug.
     emit = log.info if terminal else log.debug
-    if trace_id is None:
-        emit("job_projected", job_id=job.id, status=job.status.value, position=logged.position)
-    else:
-        emit("job_projected", job_id=job.id, status=job.status.value, position=logged.position, trace_id=trace_id)
+    traced = {} if trace_id is None else {"trace_id": trace_id}
+    emit("job_projected", job_id=job.id, status=job.status.value, position=logged.position, **traced)
 
 
 def quota_columns(event: UpstreamQuotaObserved) -> dict[str, Any]:
