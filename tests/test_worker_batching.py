@@ -14,8 +14,7 @@ import io
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Hashable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -38,6 +37,7 @@ from schemas import (
     JobSucceeded,
 )
 from storage.object_store import ObjectStore
+from tests.bus_events import logged_events, watched_events
 from workers.backends.base import (
     BackendImage,
     GeneratedImage,
@@ -151,31 +151,6 @@ def _command(prompt: str = "p", model: str = "m", num_images: int = 1) -> Genera
     return GenerateImage(job_id=job_id, message_id=job_id, owner="o", backend="batching", params=params)
 
 
-async def _events(bus: Bus, job_id: str) -> list[Event]:
-    async with bus.read_events(idle_timeout_s=0.3) as events:
-        return [logged.event async for logged in events if logged.event.job_id == job_id]
-
-
-@asynccontextmanager
-async def _watched(bus: Bus) -> AsyncIterator[list[Event]]:
-    """Every event published meanwhile, live-only progress included (the log has no progress)."""
-    seen: list[Event] = []
-
-    async def watch(live: AsyncIterator[Event]) -> None:
-        async for event in live:
-            seen.append(event)
-
-    async with bus.watch_events() as live:
-        watcher = asyncio.create_task(watch(live))
-        try:
-            yield seen
-            await asyncio.sleep(0.2)  # progress published last may still be on its way
-        finally:
-            watcher.cancel()
-            with suppress(asyncio.CancelledError):
-                await watcher
-
-
 @pytest.fixture(params=["memory", "nats"])
 async def batch_bus(request: pytest.FixtureRequest) -> Any:
     url = f"memory://{uuid.uuid4().hex}" if request.param == "memory" else request.getfixturevalue("nats_url")
@@ -218,13 +193,13 @@ async def test_compatible_waiting_jobs_run_as_one_batch_each_with_its_own_events
         await batch_bus.publish_command(command)
     gate = threading.Event()
     backend = BatchingBackend(max_batch_images=4, first_call_gate=gate)
-    async with _watched(batch_bus) as watched:
+    async with watched_events(batch_bus) as watched:
         await (await _run_burst(_worker(batch_bus, object_store, backend), gate, len(commands)))
 
     # The first job started alone at once (the worker was idle); the rest met in one full batch.
     assert [sorted(call) for call in backend.calls] == [[commands[0].job_id], sorted(c.job_id for c in commands[1:])]
     for command in commands:
-        events = await _events(batch_bus, command.job_id)
+        events = await logged_events(batch_bus, command.job_id)
         kinds = [type(e) for e in events]
         assert kinds == [JobStarted, ImageStored, JobSucceeded], kinds
         steps = [e.step for e in watched if isinstance(e, JobProgress) and e.job_id == command.job_id]
@@ -285,11 +260,11 @@ async def test_a_canceled_batch_member_leaves_its_batch_mates_images_intact(
     await run
 
     assert [len(call) for call in backend.calls] == [1, 3]
-    events = await _events(batch_bus, canceled.job_id)
+    events = await logged_events(batch_bus, canceled.job_id)
     assert [e.reason for e in events if isinstance(e, JobCanceled)] == ["changed my mind"]
     assert not any(isinstance(e, ImageStored | JobSucceeded) for e in events)
     for mate in (commands[0], commands[2]):
-        mate_events = await _events(batch_bus, mate.job_id)
+        mate_events = await logged_events(batch_bus, mate.job_id)
         stored = [e for e in mate_events if isinstance(e, ImageStored)]
         assert len(stored) == 1 and sum(isinstance(e, JobSucceeded) for e in mate_events) == 1
         data = b"".join([chunk async for chunk in object_store.get_stream(stored[0].object_key)])
@@ -312,9 +287,9 @@ async def test_a_job_canceled_while_waiting_for_a_slot_never_starts(batch_bus: B
     await batch_bus.publish_control(CancelJob(job_id=waiting.job_id, backend="batching", reason="no longer needed"))
     await run
 
-    events = await _events(batch_bus, waiting.job_id)
+    events = await logged_events(batch_bus, waiting.job_id)
     assert [type(e) for e in events] == [JobCanceled]
-    assert any(isinstance(e, JobSucceeded) for e in await _events(batch_bus, running.job_id))
+    assert any(isinstance(e, JobSucceeded) for e in await logged_events(batch_bus, running.job_id))
 
 
 async def test_a_concurrent_backend_gets_up_to_its_concurrency_at_once(
@@ -329,7 +304,7 @@ async def test_a_concurrent_backend_gets_up_to_its_concurrency_at_once(
     assert backend.max_in_flight == 3
     assert sorted(job for call in backend.calls for job in call) == sorted(c.job_id for c in commands)
     for command in commands:
-        assert sum(isinstance(e, JobSucceeded) for e in await _events(batch_bus, command.job_id)) == 1
+        assert sum(isinstance(e, JobSucceeded) for e in await logged_events(batch_bus, command.job_id)) == 1
 
 
 def test_jobs_trickling_in_all_run_under_uvloop(object_store: ObjectStore) -> None:
@@ -347,7 +322,7 @@ def test_jobs_trickling_in_all_run_under_uvloop(object_store: ObjectStore) -> No
                 await bus.publish_command(command)
                 await asyncio.sleep(0.007)
             await asyncio.wait_for(run, 30)
-            return [sum(isinstance(e, JobSucceeded) for e in await _events(bus, c.job_id)) for c in commands]
+            return [sum(isinstance(e, JobSucceeded) for e in await logged_events(bus, c.job_id)) for c in commands]
         finally:
             await bus.close()
 
@@ -486,7 +461,7 @@ async def test_the_next_batch_runs_while_the_last_ones_images_are_encoded(
 
     assert pixels.gate_was_open, "the second call waited for the first job's encoding"
     for command in (first, second):
-        assert sum(isinstance(e, JobSucceeded) for e in await _events(memory_bus, command.job_id)) == 1
+        assert sum(isinstance(e, JobSucceeded) for e in await logged_events(memory_bus, command.job_id)) == 1
 
 
 async def test_a_job_canceled_while_its_images_are_encoded_is_settled_at_once(
@@ -509,7 +484,7 @@ async def test_a_job_canceled_while_its_images_are_encoded_is_settled_at_once(
     finally:
         release.set()
     await run
-    events = await _events(memory_bus, command.job_id)
+    events = await logged_events(memory_bus, command.job_id)
     assert [type(e) for e in events] == [JobStarted, JobCanceled]
     everything = await object_store.list_expired(datetime(9999, 1, 1, tzinfo=UTC))
     assert [obj for obj in everything if obj.job_id == command.job_id] == []
@@ -528,7 +503,7 @@ async def test_sigterm_lets_a_job_being_encoded_finish(memory_bus: Bus, object_s
     await asyncio.sleep(0)
     release.set()
     await asyncio.wait_for(run, 30)
-    events = await _events(memory_bus, command.job_id)
+    events = await logged_events(memory_bus, command.job_id)
     assert [type(e) for e in events] == [JobStarted, ImageStored, JobSucceeded]
 
 
@@ -553,7 +528,7 @@ async def test_pixels_are_stored_in_the_workers_image_format(
     await memory_bus.publish_command(command)
     await _worker(memory_bus, object_store, backend, image_format=image_format).run(idle_timeout_s=0.5)
 
-    stored = [e for e in await _events(memory_bus, command.job_id) if isinstance(e, ImageStored)]
+    stored = [e for e in await logged_events(memory_bus, command.job_id) if isinstance(e, ImageStored)]
     assert sorted(e.index for e in stored) == [0, 1]
     for event in stored:
         assert event.content_type == content_type and event.object_key.endswith(f".{extension}")

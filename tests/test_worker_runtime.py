@@ -11,8 +11,6 @@ import io
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +20,6 @@ from PIL import Image
 from bus import Bus, BusOptions, connect_bus
 from schemas import (
     CancelJob,
-    Event,
     GenerateImage,
     GenerationParams,
     ImageStored,
@@ -36,6 +33,7 @@ from schemas import (
     terminal_message_id,
 )
 from storage.object_store import ObjectStore
+from tests.bus_events import logged_events, watched_events
 from workers.backends.base import (
     CancelToken,
     GeneratedImage,
@@ -124,31 +122,6 @@ def _command(num_images: int = 1) -> GenerateImage:
     return GenerateImage(job_id=job_id, message_id=job_id, owner="o", backend="scripted", params=params)
 
 
-async def _events(bus: Bus, job_id: str) -> list[Event]:
-    async with bus.read_events(idle_timeout_s=0.3) as events:
-        return [logged.event async for logged in events if logged.event.job_id == job_id]
-
-
-@asynccontextmanager
-async def _watched(bus: Bus) -> AsyncIterator[list[Event]]:
-    """Every event published meanwhile, live-only progress included (the log has no progress)."""
-    seen: list[Event] = []
-
-    async def watch(live: AsyncIterator[Event]) -> None:
-        async for event in live:
-            seen.append(event)
-
-    async with bus.watch_events() as live:
-        watcher = asyncio.create_task(watch(live))
-        try:
-            yield seen
-            await asyncio.sleep(0.2)  # progress published last may still be on its way
-        finally:
-            watcher.cancel()
-            with suppress(asyncio.CancelledError):
-                await watcher
-
-
 @pytest.fixture(params=["memory", "nats"])
 async def worker_bus(request: pytest.FixtureRequest) -> Any:
     url = f"memory://{uuid.uuid4().hex}" if request.param == "memory" else request.getfixturevalue("nats_url")
@@ -165,9 +138,9 @@ def _worker(bus: Bus, store: ObjectStore, backend: ScriptedBackend, **options: A
 async def test_success_stores_images_and_acks_once(worker_bus: Bus, object_store: ObjectStore) -> None:
     command = _command(num_images=2)
     await worker_bus.publish_command(command)
-    async with _watched(worker_bus) as watched:
+    async with watched_events(worker_bus) as watched:
         await _worker(worker_bus, object_store, ScriptedBackend()).run(idle_timeout_s=0.5)
-    events = await _events(worker_bus, command.job_id)
+    events = await logged_events(worker_bus, command.job_id)
     assert [type(e) for e in events] == [JobStarted, ImageStored, ImageStored, JobSucceeded]
     assert sorted(e.index for e in events if isinstance(e, ImageStored)) == [0, 1]
     # Progress is live only: watchers see it, the log does not keep it.
@@ -180,7 +153,7 @@ async def test_retryable_errors_are_retried_then_succeed(worker_bus: Bus, object
     await worker_bus.publish_command(command)
     backend = ScriptedBackend(retryable_failures=2)
     await _worker(worker_bus, object_store, backend).run(idle_timeout_s=1.0)
-    events = await _events(worker_bus, command.job_id)
+    events = await logged_events(worker_bus, command.job_id)
     assert [e.attempt for e in events if isinstance(e, JobStarted)] == [1, 2, 3]
     assert sum(isinstance(e, JobSucceeded) for e in events) == 1
     assert not any(isinstance(e, JobFailed) for e in events)
@@ -190,7 +163,7 @@ async def test_retries_are_bounded(worker_bus: Bus, object_store: ObjectStore) -
     command = _command()
     await worker_bus.publish_command(command)
     await _worker(worker_bus, object_store, ScriptedBackend(retryable_failures=99)).run(idle_timeout_s=1.0)
-    events = await _events(worker_bus, command.job_id)
+    events = await logged_events(worker_bus, command.job_id)
     failed = [e for e in events if isinstance(e, JobFailed)]
     assert len(failed) == 1 and "gave up after 3 attempts: upstream busy" in failed[0].error
     assert await worker_bus.command_backlog("scripted") == 0
@@ -203,9 +176,9 @@ async def test_permanent_error_fails_the_job_and_the_worker_goes_on(worker_bus: 
     backend = ScriptedBackend(error=ValueError("model file is corrupt"))
     worker = _worker(worker_bus, object_store, backend)
     await worker.run(idle_timeout_s=0.5)
-    failed = [e for e in await _events(worker_bus, broken.job_id) if isinstance(e, JobFailed)]
+    failed = [e for e in await logged_events(worker_bus, broken.job_id) if isinstance(e, JobFailed)]
     assert [e.error for e in failed] == ["ValueError: model file is corrupt"]
-    assert any(isinstance(e, JobSucceeded) for e in await _events(worker_bus, fine.job_id))
+    assert any(isinstance(e, JobSucceeded) for e in await logged_events(worker_bus, fine.job_id))
 
 
 async def test_heartbeats_keep_a_long_job_from_being_redelivered(worker_bus: Bus, object_store: ObjectStore) -> None:
@@ -213,7 +186,7 @@ async def test_heartbeats_keep_a_long_job_from_being_redelivered(worker_bus: Bus
     await worker_bus.publish_command(command)
     # 5 s of work against a 2 s ack wait: only heartbeats keep it ours.
     await _worker(worker_bus, object_store, ScriptedBackend(steps=10, step_s=0.5)).run(idle_timeout_s=0.5)
-    events = await _events(worker_bus, command.job_id)
+    events = await logged_events(worker_bus, command.job_id)
     assert [e.attempt for e in events if isinstance(e, JobStarted)] == [1]
     assert sum(isinstance(e, JobSucceeded) for e in events) == 1
 
@@ -222,12 +195,12 @@ async def test_cancel_stops_the_job_between_steps(worker_bus: Bus, object_store:
     command = _command()
     await worker_bus.publish_command(command)
     backend = ScriptedBackend(steps=50, step_s=0.05)
-    async with _watched(worker_bus) as watched:
+    async with watched_events(worker_bus) as watched:
         run = asyncio.create_task(_worker(worker_bus, object_store, backend).run(idle_timeout_s=0.5))
         await asyncio.to_thread(backend.started.wait, 10)
         await worker_bus.publish_control(CancelJob(job_id=command.job_id, backend="scripted", reason="user asked"))
         await run
-    events = await _events(worker_bus, command.job_id)
+    events = await logged_events(worker_bus, command.job_id)
     assert [e.reason for e in events if isinstance(e, JobCanceled)] == ["user asked"]
     assert max((e.step for e in watched if isinstance(e, JobProgress)), default=0) < 50
     assert not any(isinstance(e, ImageStored | JobSucceeded) for e in events)
@@ -242,7 +215,7 @@ async def test_sigterm_lets_a_short_job_finish(worker_bus: Bus, object_store: Ob
     await asyncio.to_thread(backend.started.wait, 10)
     stop.set()
     await asyncio.wait_for(run, 10)
-    assert any(isinstance(e, JobSucceeded) for e in await _events(worker_bus, command.job_id))
+    assert any(isinstance(e, JobSucceeded) for e in await logged_events(worker_bus, command.job_id))
 
 
 async def test_sigterm_hands_a_long_job_back_to_another_worker(worker_bus: Bus, object_store: ObjectStore) -> None:
@@ -254,11 +227,11 @@ async def test_sigterm_hands_a_long_job_back_to_another_worker(worker_bus: Bus, 
     await asyncio.to_thread(slow.started.wait, 10)
     stop.set()
     await asyncio.wait_for(run, 10)
-    events = await _events(worker_bus, command.job_id)
+    events = await logged_events(worker_bus, command.job_id)
     assert not any(isinstance(e, JobSucceeded | JobFailed | JobCanceled) for e in events), events
 
     await _worker(worker_bus, object_store, ScriptedBackend(), worker_id="w2").run(idle_timeout_s=1.0)
-    events = await _events(worker_bus, command.job_id)
+    events = await logged_events(worker_bus, command.job_id)
     started = [(e.worker_id, e.attempt) for e in events if isinstance(e, JobStarted)]
     # Attempt 3 on NATS when the hand-back landed in the stopping worker's open pull request first
     # (it naks it on the way out: one more delivery counted, none lost).
@@ -291,7 +264,7 @@ async def test_a_job_whose_runs_never_finish_is_failed_and_dead_lettered(
     await _worker(worker_bus, object_store, backend).run(idle_timeout_s=1.0)
 
     assert backend.calls == 0  # the verdict delivery is never run
-    events = await _events(worker_bus, command.job_id)
+    events = await logged_events(worker_bus, command.job_id)
     failed = [e for e in events if isinstance(e, JobFailed)]
     assert len(failed) == 1 and failed[0].error.startswith("dead-lettered after 3 deliveries"), failed
     assert failed[0].message_id == terminal_message_id(command.job_id)
@@ -304,7 +277,7 @@ async def test_a_retried_job_still_gets_all_its_runs(worker_bus: Bus, object_sto
     await worker_bus.publish_command(command)
     # Two runs end in retryable errors; the third (the last allowed) succeeds: not dead-lettered.
     await _worker(worker_bus, object_store, ScriptedBackend(retryable_failures=2)).run(idle_timeout_s=1.0)
-    events = await _events(worker_bus, command.job_id)
+    events = await logged_events(worker_bus, command.job_id)
     assert [e.attempt for e in events if isinstance(e, JobStarted)] == [1, 2, 3]
     assert [e.type for e in events if isinstance(e, JobSucceeded | JobFailed)] == ["JobSucceeded"]
     assert await _dead_letters(worker_bus, "scripted") == 0
@@ -316,7 +289,7 @@ async def test_a_running_job_sends_heartbeat_events(worker_bus: Bus, object_stor
     backend = ScriptedBackend(steps=6, step_s=0.25)
     worker = _worker(worker_bus, object_store, backend, heartbeat_event_interval_s=0.3)
     await worker.run(idle_timeout_s=0.5)
-    events = await _events(worker_bus, command.job_id)
+    events = await logged_events(worker_bus, command.job_id)
     beats = [e for e in events if isinstance(e, JobHeartbeat)]
     # 1.5 s of work at one heartbeat per 0.3 s; a loaded machine may fire fewer, never none.
     assert len(beats) >= 2 and {(e.worker_id, e.attempt) for e in beats} == {("w", 1)}
@@ -335,7 +308,7 @@ async def test_a_second_terminal_event_of_a_job_is_dropped_by_the_log(
     await worker_bus.publish_event(
         JobFailed(job_id=command.job_id, error="late", message_id=terminal_message_id(command.job_id))
     )
-    events = await _events(worker_bus, command.job_id)
+    events = await logged_events(worker_bus, command.job_id)
     assert [e.type for e in events if isinstance(e, JobSucceeded | JobFailed | JobCanceled)] == ["JobSucceeded"]
 
 
