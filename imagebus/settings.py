@@ -197,7 +197,8 @@ class ProjectorSettings(_RoleSettings, _BusMixin, _DatabaseMixin):
     batch_size: int = 100
     # While events keep arriving less than batch_gap_s apart, a batch waits for more, at most
     # batch_wait_s in all: a trickle of events shares one transaction instead of one each, and
-    # the read model lags by at most batch_wait_s (a lone event by batch_gap_s).
+    # the read model lags by at most batch_wait_s. Only under load: a batch waits only while the
+    # recent event rate promises company within the gap, so on a quiet stack events go in at once.
     batch_wait_s: float = Field(0.02, ge=0)
     batch_gap_s: float = Field(0.002, ge=0)
     # The stall watchdog beside it fails a processing job with no event (heartbeats included) for

@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from bus.base import Bus, LoggedEvent
 from bus.tracing import trace_context, trace_id_of, tracer
 from projector.apply import ImageRow, JobRow, Projection, apply_event
+from projector.arrivals import RecentArrivals
 from projector.database import Database, reset_schema, upsert
 from projector.tables import images, jobs, projector_positions, upstream_quotas
 from projector.usage import write_jobs
@@ -33,9 +34,13 @@ log = structlog.get_logger(__name__)
 
 # While events keep arriving less than the gap apart, a batch waits for more, at most the wait in
 # all (IMAGEBUS_PROJECTOR_BATCH_GAP_S, _BATCH_WAIT_S): under a trickle of events tens of them share
-# one transaction, and the read model lags by at most the wait (a lone event by the gap).
+# one transaction, and the read model lags by at most the wait. It waits only while events arrive
+# fast enough for the gap to be likely to bring one (projector.arrivals); on a quiet stack, events
+# are written as they come.
 DEFAULT_BATCH_WAIT_S = 0.02
 DEFAULT_BATCH_GAP_S = 0.002
+# Wait for company when the recent rate promises at least this many events within a gap.
+_COMPANY_EXPECTED = 0.5
 
 # Statements built once: building one (and its cache key) per call costs more than SQLite running it.
 _JOBS_BY_ID = select(jobs).where(jobs.c.id.in_(bindparam("ids", expanding=True)))
@@ -92,6 +97,7 @@ class Projector:
         self._waiting_since: float | None = None
         # occurred_at of the newest event applied.
         self._applied_through: datetime | None = None
+        self._arrivals = RecentArrivals(batch_wait_s)
 
     def fresh_as_of(self) -> datetime | None:
         """Up to when the read model is complete: now, once the projector has waited a moment on
@@ -153,14 +159,16 @@ class Projector:
         item = await _get_unless_stopped(queue, stopped)
         self._waiting_since = None
         # Events trickle in as jobs move; a transaction (BEGIN, position, COMMIT, thread hop) costs
-        # far more than an event in it, so a batch waits for company while events keep arriving.
-        # A lone event (none follows within the gap) is written after the gap, so a job's end
-        # reaches the read model at once on a quiet stack.
+        # far more than an event in it, so under load a batch waits for company while events keep
+        # arriving. On a quiet stack (a job's last events a millisecond apart, then nothing) the
+        # wait would only delay the job's end in the read model, so a batch waits only while the
+        # recent rate promises company within the gap.
         deadline = loop.time() + self._batch_wait_s
         batch: list[LoggedEvent] = []
         handed_over = False
         while isinstance(item, LoggedEvent):
             batch.append(item)
+            self._arrivals.arrived(loop.time())
             if len(batch) == self._batch_size:
                 return batch, None
             if queue.empty() and not handed_over:
@@ -168,6 +176,8 @@ class Projector:
                 await asyncio.sleep(0)
                 handed_over = True
             if queue.empty():
+                if not self._company_likely(loop.time()):
+                    return batch, None
                 next_item = await _get_before(queue, min(deadline, loop.time() + self._batch_gap_s))
                 if next_item is None:
                     return batch, None
@@ -175,6 +185,13 @@ class Projector:
             else:
                 item = queue.get_nowait()
         return batch, item
+
+    def _company_likely(self, now: float) -> bool:
+        """Whether events arrived lately fast enough for the next to be likely within the gap."""
+        if self._batch_wait_s <= 0:
+            return False
+        expected_in_gap = self._arrivals.recent(now) * self._batch_gap_s / self._batch_wait_s
+        return expected_in_gap >= _COMPANY_EXPECTED
 
     async def _apply(self, batch: Sequence[LoggedEvent], position: int | None) -> int:
         new_position = batch[-1].position

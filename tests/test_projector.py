@@ -24,6 +24,7 @@ from sqlalchemy import Connection, Engine, select, text
 
 from bus import Bus, connect_bus
 from projector.apply import ImageState, Projection, apply_event, queued_row
+from projector.arrivals import RecentArrivals
 from projector.database import Database, create_database, create_schema, insert_if_absent
 from projector.readside import ReadModel
 from projector.service import Projector, apply_events, rebuild
@@ -546,6 +547,28 @@ async def test_a_lone_event_is_applied_at_once_and_stop_returns_promptly(
     assert await asyncio.wait_for(task, timeout=1) == 1
 
 
+async def test_events_after_a_quiet_spell_are_not_held_for_company(database: Database) -> None:
+    """A job's last events arrive a millisecond apart and then nothing: on a quiet stack they are
+    written at once, not held back a gap for company that the recent rate does not promise."""
+    bus = await new_bus()
+    read = ReadModel(database)
+    stop = asyncio.Event()
+    # A gap far longer than the whole check: had either event waited for it, the check would fail.
+    task = asyncio.create_task(Projector(database, bus, batch_wait_s=5.0, batch_gap_s=1.0).run(stop=stop))
+    try:
+        await asyncio.sleep(0.05)
+        await bus.publish_event(queued())
+        await asyncio.sleep(0.001)
+        await bus.publish_event(started())
+        published = time.perf_counter()
+        while (job := await read.get_job("j1", None)) is None or job.status is not JobStatus.PROCESSING:
+            assert time.perf_counter() - published < 0.5, "events of a quiet stack waited for company"
+            await asyncio.sleep(0.001)
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, timeout=2) == 2
+
+
 async def test_events_trickling_in_share_transactions(database: Database) -> None:
     """A batch waits for more while events keep coming: events published one by one are written
     in a few transactions (counted by the position writes, one per transaction), not one each."""
@@ -705,3 +728,12 @@ async def test_the_watchdog_spares_a_job_whose_worker_heartbeats(database: Datab
     await bus.publish_event(JobHeartbeat(job_id=job, worker_id="w1", attempt=1))
     await Projector(database, bus).run(idle_timeout_s=IDLE_S)
     assert await fail_stalled(bus, ReadModel(database), fresh_as_of=datetime.now(UTC), stall_after_s=60) == []
+
+
+def test_recent_arrivals_count_a_burst_and_forget_it_over_the_window() -> None:
+    arrivals = RecentArrivals(window_s=0.02)
+    for now in (0.0, 0.001, 0.002):
+        arrivals.arrived(now)
+    assert arrivals.recent(0.002) == pytest.approx(3, rel=0.1)
+    assert arrivals.recent(0.1) < 0.03  # five windows later
+    assert RecentArrivals(window_s=0.0).recent(0.0) == 0.0
