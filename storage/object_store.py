@@ -1,7 +1,9 @@
 """Image bytes in S3 (MinIO in production, SeaweedFS locally) through the minio SDK.
 
 Keys start with the image's expiry time, so the bucket lists in expiry order and the reaper
-reads only the expired front of it. The SDK blocks; every call runs in a worker thread.
+reads only the expired front of it. The SDK blocks; every call runs in a worker thread, but for
+uploads of a known length, the one call per image: those go up on the event loop
+(``storage.async_put``), signed by the SDK.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from minio.commonconfig import ENABLED, Filter
 from minio.error import S3Error
 from minio.lifecycleconfig import AbortIncompleteMultipartUpload, Expiration, LifecycleConfig, Rule
 
+from storage.async_put import AsyncPutter
+
 log = structlog.get_logger(__name__)
 
 # The S3 minimum part size: the most one unknown-length upload holds in memory at a time.
@@ -29,6 +33,8 @@ PART_SIZE = 5 * 1024 * 1024
 # S3 refuses presigned URLs that live longer than this.
 MAX_URL_LIFETIME = timedelta(days=7)
 BACKSTOP_RULE_ID = "imagebus-expiry-backstop"
+# An upload's own presigned URL: signed for each attempt, it only has to outlive the request.
+_PUT_URL_LIFETIME = timedelta(minutes=5)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Ids are single bus-subject tokens (see bus/_names.py); anything else in the bucket is not ours.
 _ID = r"[A-Za-z0-9_-]+"
@@ -103,6 +109,7 @@ class ObjectStore:
             http_client=urllib3.PoolManager(timeout=urllib3.Timeout(connect=2.0, read=3.0), retries=False),
         )
         self._signer = _signing_client(config)
+        self._putter = AsyncPutter(config.endpoint, secure=config.secure)
 
     # --- bucket ----------------------------------------------------------------------------
 
@@ -171,7 +178,16 @@ class ObjectStore:
     # --- objects ---------------------------------------------------------------------------
 
     async def put_stream(self, key: str, reader: BinaryIO, *, content_type: str, length: int = -1) -> StoredObject:
-        """Stream ``reader`` into ``key``; unknown length (-1) goes up in 5 MiB multipart parts."""
+        """Stream ``reader`` into ``key``: of a known length (seekable, at its start) in one PUT on
+        the event loop; of unknown length (-1) in 5 MiB multipart parts through the SDK's thread."""
+        if length >= 0:
+            await self._putter.put(
+                lambda: self._client.presigned_put_object(self.bucket, key, expires=_PUT_URL_LIFETIME),
+                reader,
+                length,
+                content_type,
+            )
+            return StoredObject(key=key, size_bytes=length)
         counted = _CountingReader(reader)
         await asyncio.to_thread(
             self._client.put_object,
