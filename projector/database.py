@@ -84,7 +84,6 @@ class Database(ABC):
         statement's column order with the columns' result types applied.
 
         Only for statements that take microseconds: on SQLite it may run on the event loop.
-        Parameters go to the driver as given (strings and numbers; no bind processing).
         """
         return await self.read(lambda conn: conn.execute(statement, params).all())
 
@@ -236,14 +235,18 @@ class _PointQuery:
     sql: str
     names: tuple[str, ...]
     defaults: Mapping[str, Any]
+    # What SQLAlchemy would do to each parameter before the driver gets it (a date into text on
+    # SQLite), by position; None: nothing.
+    bind_processors: tuple[Callable[[Any], Any] | None, ...]
     processors: tuple[Callable[[Any], Any] | None, ...]
 
     @classmethod
     def compile(cls, statement: Select[Any], dialect: Dialect) -> _PointQuery:
         compiled = statement.compile(dialect=dialect)
-        for bind in compiled.binds.values():
-            if bind.type.dialect_impl(dialect).bind_processor(dialect) is not None:
-                raise ValueError(f"point reads pass parameters as given; {bind.key!r} needs a {bind.type} conversion")
+        names = tuple(compiled.positiontup or ())
+        bind_processors = tuple(
+            compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
+        )
         processors = tuple(
             _utc_from_sqlite_text
             if dialect.name == "sqlite" and isinstance(column.type, UTCDateTime)
@@ -252,10 +255,14 @@ class _PointQuery:
         )
         # Values the statement carries itself (literals); the rest come with each call.
         defaults = {key: bind.value for key, bind in compiled.binds.items() if not bind.required}
-        return cls(str(compiled), tuple(compiled.positiontup or ()), defaults, processors)
+        return cls(str(compiled), names, defaults, bind_processors, processors)
 
     def arguments(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
-        return tuple(params[name] if name in params else self.defaults[name] for name in self.names)
+        values = (params[name] if name in params else self.defaults[name] for name in self.names)
+        return tuple(
+            value if process is None or value is None else process(value)
+            for value, process in zip(values, self.bind_processors, strict=True)
+        )
 
     def processed(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         converted = [(index, p) for index, p in enumerate(self.processors) if p is not None]

@@ -13,6 +13,7 @@ from sqlalchemy import Connection, RowMapping, Text, and_, bindparam, cast, func
 from projector.apply import ImageRow, ImageState, queued_row
 from projector.database import Database
 from projector.queries import (
+    USAGE,
     GalleryRecord,
     QueueFigures,
     StalledJob,
@@ -23,7 +24,7 @@ from projector.queries import (
     select_queue_figures,
     select_stalled,
     select_upstream_quotas,
-    select_usage,
+    usage_from_row,
 )
 from projector.tables import images, jobs
 from projector.usage import insert_jobs
@@ -141,7 +142,8 @@ class ReadModel:
 
     async def usage(self, owner: str, since: date) -> Usage:
         """The owner's jobs in flight and images asked for since UTC day ``since`` (two counter rows)."""
-        return await self._database.read(lambda conn: select_usage(conn, owner, since))
+        rows = await self._database.point_read(USAGE, {"owner": owner, "since": since})
+        return usage_from_row(rows[0])
 
     async def upstream_quotas(self) -> list[UpstreamQuota]:
         return await self._database.read(select_upstream_quotas)

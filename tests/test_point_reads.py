@@ -4,6 +4,7 @@ on SQLite a locked database is waited for off the event loop."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
@@ -12,8 +13,9 @@ from pathlib import Path
 from sqlalchemy import and_, bindparam, select
 
 from projector.database import create_database, create_schema
+from projector.queries import Usage, select_usage
 from projector.readside import ReadModel
-from projector.tables import images, jobs
+from projector.tables import images, jobs, owner_daily_images, owner_usage
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 JOB = {
@@ -81,6 +83,29 @@ async def test_point_read_matches_sqlalchemy_execution(database_url: str) -> Non
         assert point[0][jobs.c.keys().index("created_at")] == NOW  # an aware UTC datetime again
         assert point[0][jobs.c.keys().index("params")] == JOB["params"]
         assert await database.point_read(JOB_WITH_IMAGES, {"job_id": "j1", "owner": "bob"}) == []
+    finally:
+        await database.dispose()
+
+
+async def test_point_read_processes_parameters_as_sqlalchemy_does(database_url: str) -> None:
+    """The quota check's usage read binds a date (text on SQLite): the same answer both ways."""
+    database = create_database(database_url)
+    try:
+        await create_schema(database)
+        rows = [
+            {"owner": "alice", "day": NOW.date() - timedelta(days=days), "images": images}
+            for days, images in ((0, 3), (1, 5), (2, 7))
+        ]
+        await database.write(lambda conn: conn.execute(owner_daily_images.insert(), rows))
+        await database.write(lambda conn: conn.execute(owner_usage.insert(), [{"owner": "alice", "active_jobs": 2}]))
+        read = ReadModel(database)
+        for owner, since, expected in (
+            ("alice", NOW.date() - timedelta(days=1), Usage(2, 8)),
+            ("alice", NOW.date() + timedelta(days=1), Usage(2, 0)),
+            ("bob", NOW.date(), Usage(0, 0)),
+        ):
+            assert await read.usage(owner, since) == expected
+            assert await database.read(functools.partial(select_usage, owner=owner, since=since)) == expected
     finally:
         await database.dispose()
 
