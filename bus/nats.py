@@ -286,7 +286,7 @@ class NatsBus:
     async def read_events(
         self, *, after: int | None = None, idle_timeout_s: float | None = None
     ) -> AsyncIterator[AsyncIterator[LoggedEvent]]:
-        reader = EventReader(self._js, self._names, after)
+        reader = EventReader(self._js, self._nc, self._names, after)
         await reader.open()
 
         async def events() -> AsyncGenerator[LoggedEvent, None]:
