@@ -373,6 +373,9 @@ async def run_ingress(settings: IngressSettings) -> None:
             host=settings.host,
             port=settings.port,
             log_level="warning",
+            # Its access lines are info, never shown at this level, yet each request still built
+            # one (the client address and the quoted path): about 3% of a cheap request's CPU.
+            access_log=False,
             lifespan="on",
             # The client address stays the peer's: how far X-Forwarded-For is trusted is decided
             # by IMAGEBUS_INGRESS_TRUSTED_PROXY_HOPS alone (uvicorn would trust it from localhost).
