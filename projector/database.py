@@ -385,6 +385,10 @@ def _create_tables(conn: Connection) -> None:
     _lock_schema(conn)
     counted = inspect(conn).has_table(owner_daily_images.name)
     metadata.create_all(conn)
+    # create_all skips the indexes of tables that exist: a read model from before an index gets it here.
+    for table in metadata.sorted_tables:
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
     if not counted:
         # A read model from before the usage counters: count its jobs once, as a rebuild would.
         changes = UsageChanges()

@@ -32,8 +32,6 @@ from schemas import GenerationParams, JobQueued, JobStatus
 
 # Statements built once: building one (and its cache key) per call costs more than SQLite running it.
 _PING = select(literal(1))
-_LIVE_IMAGE = select(images).where(images.c.id == bindparam("image_id"), images.c.state != ImageState.DELETED.value)
-_OWNED_LIVE_IMAGE = _LIVE_IMAGE.where(images.c.owner == bindparam("owner"))
 
 
 # The read side hands out the projector's own image rows (state is an ImageState, a str enum).
@@ -76,6 +74,10 @@ _JOB_WITH_IMAGES = (
     # No ORDER BY: SQLite would sort a job's few images in a temporary b-tree; get_job sorts them.
 )
 _OWNED_JOB_WITH_IMAGES = _JOB_WITH_IMAGES.where(jobs.c.owner == bindparam("owner"))
+_LIVE_IMAGE = select(*(images.c[name] for name in _IMAGE_NAMES)).where(
+    images.c.id == bindparam("image_id"), images.c.state != ImageState.DELETED.value
+)
+_OWNED_LIVE_IMAGE = _LIVE_IMAGE.where(images.c.owner == bindparam("owner"))
 
 
 class ReadModel:
@@ -109,7 +111,11 @@ class ReadModel:
 
     async def get_image(self, image_id: str, owner: str | None) -> ImageRecord | None:
         """The image (available or expired), or None when absent, deleted or another owner's."""
-        return await self._database.read(lambda conn: _select_image(conn, image_id, owner))
+        if owner is None:
+            rows = await self._database.point_read(_LIVE_IMAGE, {"image_id": image_id})
+        else:
+            rows = await self._database.point_read(_OWNED_LIVE_IMAGE, {"image_id": image_id, "owner": owner})
+        return _image_record(dict(zip(_IMAGE_NAMES, rows[0], strict=True))) if rows else None
 
     async def list_jobs(
         self, owner: str, *, status: JobStatus | None = None, offset: int = 0, limit: int = 20
@@ -118,8 +124,11 @@ class ReadModel:
         return await self._database.read(lambda conn: _select_jobs(conn, owner, status, offset, limit))
 
     async def queue_position(self, job: JobRecord) -> int:
-        """How many jobs of the same backend wait ahead of ``job`` (0: next to be taken)."""
-        return await self._database.read(lambda conn: _count_ahead(conn, job))
+        """How many jobs of the same backend wait ahead of ``job`` (0: next to be taken): a count
+        along the queue's index, as long as the queue (at most the ingress's queue bound)."""
+        params = {"backend": job.backend, "created_at": job.created_at, "id": job.id}
+        rows = await self._database.point_read(_AHEAD, params)
+        return int(rows[0][0])
 
     async def stream_states(self, job_ids: Sequence[str]) -> dict[str, tuple[JobStatus, int | None]]:
         """Each existing job's status and, while pending, its ``queue_position``: one query for
@@ -200,20 +209,20 @@ def _select_jobs(
     return [_job_record(row, image_rows[row["id"]]) for row in page], int(total)
 
 
-def _count_ahead(conn: Connection, job: JobRecord) -> int:
-    ahead = (
-        select(func.count())
-        .select_from(jobs)
-        .where(
-            jobs.c.backend == job.backend,
-            jobs.c.status == JobStatus.PENDING.value,
-            (jobs.c.created_at < job.created_at) | ((jobs.c.created_at == job.created_at) & (jobs.c.id < job.id)),
-        )
+# The jobs of a backend that wait ahead of one (the order _PENDING_RANKS numbers them in).
+_AHEAD = (
+    select(func.count())
+    .select_from(jobs)
+    .where(
+        jobs.c.status == JobStatus.PENDING.value,
+        jobs.c.backend == bindparam("backend"),
+        (jobs.c.created_at < bindparam("created_at"))
+        | ((jobs.c.created_at == bindparam("created_at")) & (jobs.c.id < bindparam("id"))),
     )
-    return int(conn.execute(ahead).scalar_one())
+)
 
 
-# Every pending job numbered within its backend, oldest first (the order _count_ahead counts in).
+# Every pending job numbered within its backend, oldest first (the order _AHEAD counts in).
 _PENDING_RANKS = (
     select(
         jobs.c.id,
@@ -234,14 +243,6 @@ _STREAM_STATES = (
 def _select_stream_states(conn: Connection, job_ids: Sequence[str]) -> dict[str, tuple[JobStatus, int | None]]:
     rows = conn.execute(_STREAM_STATES, {"ids": list(job_ids)}) if job_ids else ()
     return {row.id: (JobStatus(row.status), row.position) for row in rows}
-
-
-def _select_image(conn: Connection, image_id: str, owner: str | None) -> ImageRecord | None:
-    if owner is None:
-        row = conn.execute(_LIVE_IMAGE, {"image_id": image_id}).mappings().first()
-    else:
-        row = conn.execute(_OWNED_LIVE_IMAGE, {"image_id": image_id, "owner": owner}).mappings().first()
-    return None if row is None else _image_record(row)
 
 
 @functools.lru_cache(maxsize=4096)

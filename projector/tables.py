@@ -11,6 +11,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     Dialect,
+    Index,
     Integer,
     MetaData,
     String,
@@ -74,6 +75,9 @@ jobs = Table(
     Column("attempt", Integer, nullable=False),
     Column("error", Text, nullable=True),
     Column("last_event_at", UTCDateTime, nullable=False),
+    # The queue: a backend's pending jobs in the order workers take them. Queue positions (SSE,
+    # CyberImage's status) count along it, so they cost what is queued, not the whole history.
+    Index("jobs_queue", "status", "backend", "created_at", "id"),
 )
 
 images = Table(

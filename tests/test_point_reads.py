@@ -10,12 +10,13 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import and_, bindparam, select
+from sqlalchemy import and_, bindparam, inspect, select, text
 
 from projector.database import create_database, create_schema
 from projector.queries import Usage, select_usage
 from projector.readside import ReadModel
 from projector.tables import images, jobs, owner_daily_images, owner_usage
+from schemas import JobStatus
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 JOB = {
@@ -184,5 +185,49 @@ async def test_get_job_gives_live_images_by_index_and_only_its_owner(database_ur
         assert await read_model.get_job("j1", "bob") is None
         await database.write(lambda conn: conn.execute(images.delete()))
         assert (await read_model.get_job("j1", "alice")).images == ()  # type: ignore[union-attr]
+    finally:
+        await database.dispose()
+
+
+async def test_queue_positions_count_along_the_queue_index_of_any_read_model(database_url: str) -> None:
+    """Positions of pending jobs (ties on created_at broken by id), counted along the queue's
+    index: a read model created before the index gets it from create_schema."""
+    database = create_database(database_url)
+    try:
+        await create_schema(database)
+        await database.write(lambda conn: conn.execute(text("DROP INDEX jobs_queue")))
+        await create_schema(database)  # as a new release starting on an old read model
+
+        def job(job_id: str, status: str, backend: str, seconds: int) -> dict[str, object]:
+            params = {"prompt": "a fox", "model": "tiny-sd", "width": 64, "height": 64, "num_inference_steps": 4}
+            return {
+                **JOB,
+                "id": job_id,
+                "status": status,
+                "backend": backend,
+                "created_at": NOW + timedelta(seconds=seconds),
+                "params": {**params, "guidance_scale": 7.0},
+            }
+
+        rows = [
+            job("done", "completed", "diffusers", 0),
+            job("b", "pending", "diffusers", 1),
+            job("a", "pending", "diffusers", 1),
+            job("other", "pending", "remote", 0),
+            job("c", "pending", "diffusers", 2),
+        ]
+        await database.write(lambda conn: conn.execute(jobs.insert(), rows))
+        read = ReadModel(database)
+        positions = {}
+        for job_id in ("a", "b", "c", "other"):
+            record = await read.get_job(job_id, None)
+            assert record is not None
+            positions[job_id] = await read.queue_position(record)
+        assert positions == {"a": 0, "b": 1, "c": 2, "other": 0}
+        assert (await read.stream_states(["a", "b", "c"])) == {
+            job_id: (JobStatus.PENDING, position) for job_id, position in positions.items() if job_id != "other"
+        }
+        names = await database.read(lambda conn: {index["name"] for index in inspect(conn).get_indexes("jobs")})
+        assert "jobs_queue" in names
     finally:
         await database.dispose()
