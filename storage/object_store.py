@@ -2,16 +2,18 @@
 
 Keys start with the image's expiry time, so the bucket lists in expiry order and the reaper
 reads only the expired front of it. The SDK blocks; every call runs in a worker thread, but for
-uploads of a known length, the one call per image: those go up on the event loop
-(``storage.async_put``), signed by the SDK.
+the ones made once per image, an upload of known length and a download: those run on the event
+loop (``storage.async_s3``), signed by the SDK.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import BinaryIO, cast
@@ -24,7 +26,7 @@ from minio.commonconfig import ENABLED, Filter
 from minio.error import S3Error
 from minio.lifecycleconfig import AbortIncompleteMultipartUpload, Expiration, LifecycleConfig, Rule
 
-from storage.async_put import AsyncPutter
+from storage.async_s3 import AsyncS3, S3Refused
 
 log = structlog.get_logger(__name__)
 
@@ -33,8 +35,8 @@ PART_SIZE = 5 * 1024 * 1024
 # S3 refuses presigned URLs that live longer than this.
 MAX_URL_LIFETIME = timedelta(days=7)
 BACKSTOP_RULE_ID = "imagebus-expiry-backstop"
-# An upload's own presigned URL: signed for each attempt, it only has to outlive the request.
-_PUT_URL_LIFETIME = timedelta(minutes=5)
+# The presigned URL of one of our own requests: signed for each attempt, it only has to outlive it.
+_REQUEST_URL_LIFETIME = timedelta(minutes=5)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Ids are single bus-subject tokens (see bus/_names.py); anything else in the bucket is not ours.
 _ID = r"[A-Za-z0-9_-]+"
@@ -109,7 +111,7 @@ class ObjectStore:
             http_client=urllib3.PoolManager(timeout=urllib3.Timeout(connect=2.0, read=3.0), retries=False),
         )
         self._signer = _signing_client(config)
-        self._putter = AsyncPutter(config.endpoint, secure=config.secure)
+        self._requests = AsyncS3(config.endpoint, secure=config.secure)
 
     # --- bucket ----------------------------------------------------------------------------
 
@@ -181,8 +183,8 @@ class ObjectStore:
         """Stream ``reader`` into ``key``: of a known length (seekable, at its start) in one PUT on
         the event loop; of unknown length (-1) in 5 MiB multipart parts through the SDK's thread."""
         if length >= 0:
-            await self._putter.put(
-                lambda: self._client.presigned_put_object(self.bucket, key, expires=_PUT_URL_LIFETIME),
+            await self._requests.put(
+                lambda: self._client.presigned_put_object(self.bucket, key, expires=_REQUEST_URL_LIFETIME),
                 reader,
                 length,
                 content_type,
@@ -205,20 +207,18 @@ class ObjectStore:
     async def put_bytes(self, key: str, data: bytes, *, content_type: str) -> StoredObject:
         return await self.put_stream(key, io.BytesIO(data), content_type=content_type, length=len(data))
 
-    async def get_stream(self, key: str, chunk_size: int = 64 * 1024) -> AsyncIterator[bytes]:
-        """The object's bytes in chunks; raises ObjectMissing on the first step if there is none."""
+    async def get_stream(self, key: str, chunk_size: int = 64 * 1024) -> AsyncGenerator[bytes, None]:
+        """The object's bytes in chunks, read on the event loop; raises ObjectMissing on the first
+        step if there is none."""
+        url = functools.partial(self._client.presigned_get_object, self.bucket, key, expires=_REQUEST_URL_LIFETIME)
         try:
-            response = await asyncio.to_thread(self._client.get_object, self.bucket, key)
-        except S3Error as exc:
-            if exc.code in _MISSING_CODES:
+            async with aclosing(self._requests.get(url, chunk_size)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except S3Refused as exc:
+            if exc.code in _MISSING_CODES or (exc.status == 404 and not exc.code):
                 raise ObjectMissing(key) from exc
             raise
-        try:
-            while chunk := await asyncio.to_thread(response.read, chunk_size):
-                yield chunk
-        finally:
-            response.close()
-            response.release_conn()
 
     async def delete(self, key: str) -> None:
         """Remove ``key``; removing what is not there is fine (S3 answers 204 either way)."""

@@ -37,7 +37,7 @@ async def store_image(store: ObjectStore, job_id: str, image_id: str, expires_at
 
 
 async def exists(store: ObjectStore, key: str) -> bool:
-    async with aclosing(store.get_stream(key)) as stream:  # type: ignore[type-var]
+    async with aclosing(store.get_stream(key)) as stream:
         try:
             await anext(stream, b"")
             return True
