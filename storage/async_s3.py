@@ -77,9 +77,12 @@ class AsyncS3:
     """PUTs and GETs on one S3 endpoint (``host:port``); ``secure`` for TLS."""
 
     def __init__(self, endpoint: str, *, secure: bool) -> None:
-        host, _, port = endpoint.rpartition(":")
-        self._host = host.strip("[]")
-        self._port = int(port)
+        # "host:port", "[v6]:port", or a host alone on the scheme's port, as the minio SDK takes it.
+        parts = urlsplit(f"//{endpoint}")
+        if not parts.hostname:
+            raise ValueError(f"S3 endpoint {endpoint!r} names no host")
+        self._host = parts.hostname
+        self._port = parts.port or (443 if secure else 80)
         self._ssl = ssl.create_default_context() if secure else None
         self._idle: list[_Connection] = []
 

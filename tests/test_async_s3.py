@@ -59,6 +59,13 @@ async def test_a_download_left_half_read_does_not_spoil_the_next(object_store: O
         await anext(object_store.get_stream("never-stored.png"))
 
 
+def test_an_endpoint_without_a_port_uses_the_schemes() -> None:
+    # As the minio SDK takes it (a cloud endpoint on 443); nothing is dialled until a request.
+    assert ObjectStore(S3Config("s3.example.com", "key", "secret", secure=True)).bucket == "imagebus"
+    with pytest.raises(ValueError, match="names no host"):
+        AsyncS3(":9000", secure=False)
+
+
 # --- against a scripted server -------------------------------------------------------------
 
 
