@@ -98,8 +98,7 @@ class EventReader:
 
     async def close(self) -> None:
         if self._sub is not None:
-            with suppress(Exception):
-                await self._sub.unsubscribe()
+            await unsubscribe(self._sub)
             self._sub = None
         self._arrived.clear()
         with suppress(Exception):
@@ -269,7 +268,7 @@ async def withdraw_pull(sub: JetStreamContext.PullSubscription, nc: NATS) -> Non
         await nc.flush()
 
 
-async def unsubscribe(sub: JetStreamContext.PullSubscription) -> None:
+async def unsubscribe(sub: Subscription | JetStreamContext.PullSubscription) -> None:
     # Unsubscribing before the connection closes is what keeps close() fast after a timed-out fetch.
     with suppress(Exception):
         await sub.unsubscribe()

@@ -89,36 +89,20 @@ class AsyncS3:
     async def put(self, url: Callable[[], str], content: BinaryIO, length: int, content_type: str) -> None:
         """Send ``length`` bytes of ``content`` (seekable, from where it stands) to a presigned PUT
         ``url`` (called once per attempt, so every attempt's signature is fresh)."""
-        start = content.tell()
-        for attempt in range(1, _ATTEMPTS + 1):
-            content.seek(start)
-            head = _request_head("PUT", url(), f"Content-Type: {content_type}\r\nContent-Length: {length}\r\n")
-            connection = await self._connection()
-            try:
-                async with asyncio.timeout(_EXCHANGE_TIMEOUT_S):
-                    await _send(connection.writer, head, content, length)
-                    answer = await _read_head(connection.reader)
-                    body = await _read_body(connection.reader, answer)
-            except _CONNECTION_ERRORS as exc:
-                connection.close()
-                if attempt == _ATTEMPTS:
-                    raise S3Unreachable(f"S3 at {self._host}:{self._port}: {exc!r}") from exc
-                continue  # most likely a kept-alive connection the server had closed: at once, anew
-            except BaseException:
-                connection.close()  # cancelled or timed out mid-exchange: the connection is in no known state
-                raise
-            self._release(connection, answer.keep_alive)
-            if answer.status < 300:
-                return
-            if answer.status < 500 or attempt == _ATTEMPTS:
-                raise _refusal("PUT", answer.status, body)
-            await asyncio.sleep(_BACKOFF_S * attempt)
-        raise AssertionError("unreachable")
+        headers = f"Content-Type: {content_type}\r\nContent-Length: {length}\r\n"
+        connection, head = await self._answered("PUT", url, headers, content, length)
+        try:
+            async with asyncio.timeout(_EXCHANGE_TIMEOUT_S):
+                await _read_body(connection.reader, head)  # empty, but it must be read off the connection
+        except BaseException:
+            connection.close()
+            raise
+        self._release(connection, head.keep_alive)
 
     async def get(self, url: Callable[[], str], chunk_size: int) -> AsyncGenerator[bytes, None]:
         """The body of a presigned GET ``url``, in chunks of at most ``chunk_size``; raises
         S3Refused (404 NoSuchKey for a missing object) at the first step."""
-        connection, head = await self._get_head(url)
+        connection, head = await self._answered("GET", url, "", None, 0)
         finished = False
         try:
             async with aclosing(_body_chunks(connection.reader, head, chunk_size)) as chunks:
@@ -142,12 +126,22 @@ class AsyncS3:
         for connection in idle:
             connection.close()
 
-    async def _get_head(self, url: Callable[[], str]) -> tuple[_Connection, _Head]:
+    async def _answered(
+        self, method: str, url: Callable[[], str], headers: str, content: BinaryIO | None, length: int
+    ) -> tuple[_Connection, _Head]:
+        """The connection and head of the first answer under 300, its body still to read; a
+        refusal raises S3Refused, after retries for a 5xx."""
+        start = content.tell() if content is not None else 0
         for attempt in range(1, _ATTEMPTS + 1):
+            head_bytes = _request_head(method, url(), headers)
             connection = await self._connection()
             try:
                 async with asyncio.timeout(_EXCHANGE_TIMEOUT_S):
-                    connection.writer.write(_request_head("GET", url(), ""))
+                    if content is None:
+                        connection.writer.write(head_bytes)
+                    else:
+                        content.seek(start)
+                        await _send(connection.writer, head_bytes, content, length)
                     head = await _read_head(connection.reader)
                     if head.status < 300:
                         return connection, head
@@ -156,13 +150,13 @@ class AsyncS3:
                 connection.close()
                 if attempt == _ATTEMPTS:
                     raise S3Unreachable(f"S3 at {self._host}:{self._port}: {exc!r}") from exc
-                continue
+                continue  # most likely a kept-alive connection the server had closed: at once, anew
             except BaseException:
-                connection.close()
+                connection.close()  # cancelled or timed out mid-exchange: the connection is in no known state
                 raise
             self._release(connection, head.keep_alive)
             if head.status < 500 or attempt == _ATTEMPTS:
-                raise _refusal("GET", head.status, body)
+                raise _refusal(method, head.status, body)
             await asyncio.sleep(_BACKOFF_S * attempt)
         raise AssertionError("unreachable")
 
@@ -199,7 +193,7 @@ async def _send(writer: asyncio.StreamWriter, head: bytes, content: BinaryIO, le
         await writer.drain()
         chunk = content.read(min(length - sent, _CHUNK))
         if not chunk:
-            raise ValueError(f"the content ended after {sent} of {length} bytes")
+            raise EOFError(f"the content ended after {sent} of {length} bytes")
         writer.write(chunk)
         sent += len(chunk)
     await writer.drain()

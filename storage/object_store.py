@@ -183,12 +183,8 @@ class ObjectStore:
         """Stream ``reader`` into ``key``: of a known length (seekable, at its start) in one PUT on
         the event loop; of unknown length (-1) in 5 MiB multipart parts through the SDK's thread."""
         if length >= 0:
-            await self._requests.put(
-                lambda: self._client.presigned_put_object(self.bucket, key, expires=_REQUEST_URL_LIFETIME),
-                reader,
-                length,
-                content_type,
-            )
+            url = functools.partial(self._client.presigned_put_object, self.bucket, key, expires=_REQUEST_URL_LIFETIME)
+            await self._requests.put(url, reader, length, content_type)
             return StoredObject(key=key, size_bytes=length)
         counted = _CountingReader(reader)
         await asyncio.to_thread(
