@@ -198,6 +198,7 @@ class Load:
     job_ids: list[str]
     # Messages each stream gained during the load (commands, events, ...).
     stored: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 async def count_of(http: RawHttp, status: str) -> int:
@@ -240,13 +241,14 @@ async def run_load(stack: EmbeddedStack, jobs: int, submitters: int, meter: CpuM
                 )
         seconds = time.perf_counter() - start
         cpu = meter.stop() if meter is not None else {}
+        calls = meter.calls if meter is not None else {}
         cpu["bench client"] = time.process_time() - client_before
         stored = {
             name: count - stored_before.get(name, 0) for name, count in (await stream_messages(stack.bus_url)).items()
         }
         if (failed := await count_of(poller, "failed") - failed_before) > 0:
             raise RuntimeError(f"{failed} jobs failed")
-        return Load(jobs, seconds, submit_seconds or seconds, cpu, job_ids, stored)
+        return Load(jobs, seconds, submit_seconds or seconds, cpu, job_ids, stored, calls)
     finally:
         for http in [*clients, poller]:
             await http.close()
@@ -391,14 +393,16 @@ def print_load(load: Load, raw: list[RawBus], title: str) -> None:
         f"| {before.one_by_one_consumed_per_s:,.0f} / {after.one_by_one_consumed_per_s:,.0f} |"
     )
     print()
-    print("| process | CPU-ms per job | cores busy |")
-    print("|---|---|---|")
+    print("| process | CPU-ms per job | cores busy | read / write system calls per job |")
+    print("|---|---|---|---|")
     for name, seconds in sorted(load.cpu_s.items(), key=lambda item: -item[1]):
-        print(f"| {name} | {seconds * 1000 / load.jobs:.2f} | {seconds / load.seconds:.2f} |")
+        reads, writes = load.calls.get(name, (0, 0))
+        calls = f"{reads / load.jobs:.1f} / {writes / load.jobs:.1f}" if name in load.calls else "-"
+        print(f"| {name} | {seconds * 1000 / load.jobs:.2f} | {seconds / load.seconds:.2f} | {calls} |")
     ours = sum(load.cpu_s.get(name, 0.0) for name in PROFILED)
     everything = sum(load.cpu_s.values())
-    print(f"| **ingress + worker + projector** | **{ours * 1000 / load.jobs:.2f}** | {ours / load.seconds:.2f} |")
-    print(f"| all measured processes | {everything * 1000 / load.jobs:.2f} | {everything / load.seconds:.2f} |")
+    print(f"| **ingress + worker + projector** | **{ours * 1000 / load.jobs:.2f}** | {ours / load.seconds:.2f} | |")
+    print(f"| all measured processes | {everything * 1000 / load.jobs:.2f} | {everything / load.seconds:.2f} | |")
     stored = ", ".join(f"{name} {count / load.jobs:.2f}" for name, count in sorted(load.stored.items()))
     print(f"\nDurable messages stored per job, by stream: {stored}")
 

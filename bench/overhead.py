@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 from bus import Bus, BusOptions, connect_bus
 from imagebus.catalog import load_catalog
@@ -56,7 +57,10 @@ def percentile(values: list[float], q: float) -> float:
 class DirectCall:
     """The same tiny pipeline, called in this process without imagebus."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int) -> None:
+        # The model's thread (the backend's executor, started below) takes the count in force now.
+        torch.set_num_threads(threads)
+        self.threads = threads
         self.loop = asyncio.new_event_loop()
         self.backend = DiffusersBackend(load_catalog())
         self.loop.run_until_complete(self.backend.prepare("tiny-sd"))
@@ -95,13 +99,14 @@ def _stages(walls: list[float], events: dict[str, float], visible: float) -> dic
 class Stack:
     """`imagebus up` in a temporary data dir, an HTTP client, and a bus connection for events."""
 
-    def __init__(self, workers: int, batch_linger_s: float | None) -> None:
+    def __init__(self, workers: int, batch_linger_s: float | None, torch_threads: int) -> None:
         self.data_dir = Path(tempfile.mkdtemp(prefix="imagebus-bench-"))
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBUS_")}
         if batch_linger_s is not None:
             env["IMAGEBUS_WORKER_BATCH_LINGER_S"] = str(batch_linger_s)
         argv = ["up", "--port", str(port), "--data-dir", str(self.data_dir), "--workers", str(workers)]
+        argv += ["--torch-threads", str(torch_threads)]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "imagebus", *argv],
             stdout=subprocess.PIPE,
@@ -158,8 +163,19 @@ class Stack:
         self.process.wait(timeout=120)
 
 
-async def measure(workers: int, jobs: int, direct: DirectCall, batch_linger_s: float | None) -> dict[str, float]:
-    stack = Stack(workers, batch_linger_s)
+def worker_threads(workers: int, torch_threads: int | None) -> int:
+    """The model threads of each diffusers worker, as `imagebus up` chooses them."""
+    return torch_threads or max(1, (os.cpu_count() or 1) // workers)
+
+
+async def measure(
+    workers: int, jobs: int, directs: dict[int, DirectCall], batch_linger_s: float | None, torch_threads: int | None
+) -> dict[str, float]:
+    # The baseline runs the model with as many threads as each worker does: a fewer-thread model is
+    # faster here (tiny-sd at 64x64) and would otherwise count as the stack's gain or loss.
+    threads = worker_threads(workers, torch_threads)
+    direct = directs[threads]
+    stack = Stack(workers, batch_linger_s, threads)
     bus = await connect_bus(stack.bus_url, BusOptions())
     try:
         await stack.run_jobs(bus, 3 * workers)  # warm up every worker (first call pays for lazy init)
@@ -190,26 +206,36 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=40)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-linger-s", type=float, default=None, help="the workers' batch linger (default 0.05)")
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="each worker's model threads (default: the cores shared)"
+    )
     args = parser.parse_args()
 
-    direct = DirectCall()
+    direct = DirectCall(os.cpu_count() or 1)
+    directs = {direct.threads: direct}
+    for workers in args.workers:  # built here: a DirectCall runs its own loop, not inside measure's
+        threads = worker_threads(workers, args.torch_threads)
+        if threads not in directs:
+            directs[threads] = DirectCall(threads)
     quiet = [direct.once() for _ in range(args.jobs)]
     print(
-        f"direct tiny-sd call (64x64, 4 steps, 1 image) on a quiet machine: p50 {percentile(quiet, 50) * 1000:.1f} ms,"
+        f"direct tiny-sd call (64x64, 4 steps, 1 image, {direct.threads} threads) on a quiet machine: "
+        f"p50 {percentile(quiet, 50) * 1000:.1f} ms,"
         f" p99 {percentile(quiet, 99) * 1000:.1f} ms, {1 / percentile(quiet, 50):.1f} calls/s"
     )
     print()
     print(
-        "| workers | submit→completed p50 | p99 | direct call p50 (stack up) | overhead p50 | overhead p99 "
-        "| jobs/s (batch of N) |"
+        "| workers | model threads each | submit→completed p50 | p99 | direct call p50 (stack up, same threads) "
+        "| overhead p50 | overhead p99 | jobs/s (batch of N) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     results = []
     for workers in args.workers:
-        r = asyncio.run(measure(workers, args.jobs, direct, args.batch_linger_s))
+        r = asyncio.run(measure(workers, args.jobs, directs, args.batch_linger_s, args.torch_threads))
         results.append((workers, r))
         print(
-            f"| {workers} | {r['p50'] * 1000:.1f} ms | {r['p99'] * 1000:.1f} ms | {r['direct_p50'] * 1000:.1f} ms "
+            f"| {workers} | {worker_threads(workers, args.torch_threads)} | {r['p50'] * 1000:.1f} ms "
+            f"| {r['p99'] * 1000:.1f} ms | {r['direct_p50'] * 1000:.1f} ms "
             f"| {(r['p50'] - r['direct_p50']) * 1000:.1f} ms | {(r['p99'] - r['direct_p50']) * 1000:.1f} ms "
             f"| {r['jobs_per_s']:.2f} |",
             flush=True,

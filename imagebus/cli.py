@@ -20,6 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="ingress address (default 127.0.0.1)")
     up.add_argument("--data-dir", type=Path, default=Path(".imagebus"), help="where state lives")
     up.add_argument("--workers", type=int, default=1, help="diffusers worker processes (default 1)")
+    up.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="CPU threads of each diffusers worker's model (default: the machine's cores shared among the workers)",
+    )
     up.add_argument("--model", default=None, help="default model: a catalog id, hub id or local folder")
     up.add_argument(
         "--backends",

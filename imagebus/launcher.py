@@ -221,7 +221,7 @@ def run_stack(settings: LauncherSettings, worker_settings: WorkerSettings, args:
 
         # Workers first: the model load is the long pole. A worker's catalog reads the LoRA
         # bucket before anything else, so with one configured the workers wait for the S3 server.
-        workers = _workers(choices, args.workers, data_dir, child_env)
+        workers = _workers(choices, args.workers, data_dir, child_env, torch_threads=args.torch_threads)
         workers_need_s3 = worker_settings.lora_bucket is not None
         for child in [] if workers_need_s3 else workers:
             children.append(child.start())
@@ -277,12 +277,17 @@ def run_stack(settings: LauncherSettings, worker_settings: WorkerSettings, args:
 
 
 def _workers(
-    choices: list[BackendChoice], diffusers_workers: int, data_dir: Path, env: dict[str, str]
+    choices: list[BackendChoice],
+    diffusers_workers: int,
+    data_dir: Path,
+    env: dict[str, str],
+    *,
+    torch_threads: int | None = None,
 ) -> list[RoleProcess]:
     started = {choice.name for choice in choices if choice.start}
     workers: list[RoleProcess] = []
     # CPU workers share the cores; on a GPU machine the GPU does the work and this matters little.
-    threads = str(max(1, (os.cpu_count() or 1) // max(1, diffusers_workers)))
+    threads = str(torch_threads or max(1, (os.cpu_count() or 1) // max(1, diffusers_workers)))
     for index in range(diffusers_workers if "diffusers" in started else 0):
         name = f"worker-diffusers-{index + 1}"
         worker_env = {
