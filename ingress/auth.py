@@ -113,12 +113,22 @@ class KeyRing:
 
 
 def presented_key(connection: ASGIConnection) -> str | None:
-    """The key from ``X-API-Key`` or ``Authorization: Bearer <key>``."""
-    key = connection.headers.get("x-api-key")
-    if key:
-        return key.strip()
-    authorization = connection.headers.get("authorization", "")
-    scheme, _, token = authorization.partition(" ")
+    """The key from ``X-API-Key`` or ``Authorization: Bearer <key>`` (the first of each header).
+
+    Read from the ASGI scope's raw headers (their names are lower case there), not through
+    ``connection.headers``: building that mapping cost more than the rest of the key check.
+    """
+    api_key: bytes | None = None
+    authorization: bytes | None = None
+    for name, value in connection.scope["headers"]:
+        if name == b"x-api-key":
+            if api_key is None:
+                api_key = value
+        elif name == b"authorization" and authorization is None:
+            authorization = value
+    if api_key is not None and (key := api_key.decode("latin-1").strip()):
+        return key
+    scheme, _, token = (authorization or b"").decode("latin-1").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return None

@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 import structlog
+from litestar.connection import ASGIConnection
 from sqlalchemy import select
 
 from imagebus.settings import IngressSettings, KeysSettings
-from ingress.auth import KeyRing
+from ingress.auth import KeyRing, presented_key
 from ingress.config import KEY_CACHE_S
 from ingress.keys import DEVELOPMENT_KEY_SECRET
 from projector.database import create_database
@@ -214,3 +215,18 @@ def test_the_development_key_secret_is_warned_about(secret: str) -> None:
         KeyRing(("k",), secret)
     warned = [entry for entry in logs if entry["log_level"] == "warning" and "IMAGEBUS_KEY_SECRET" in entry["message"]]
     assert bool(warned) == (secret == DEVELOPMENT_KEY_SECRET), logs
+
+
+def _presented(*headers: tuple[str, str]) -> str | None:
+    scope: Any = {"type": "http", "headers": [(name.encode(), value.encode("latin-1")) for name, value in headers]}
+    return presented_key(ASGIConnection(scope))
+
+
+def test_the_key_is_read_from_x_api_key_first_then_a_bearer_authorization() -> None:
+    assert _presented(("x-api-key", " sk-a "), ("authorization", "Bearer sk-b")) == "sk-a"
+    assert _presented(("authorization", "bearer  sk-b ")) == "sk-b"  # the scheme in any case
+    assert _presented(("x-api-key", "  "), ("authorization", "Bearer sk-b")) == "sk-b"  # a blank key is none
+    assert _presented(("x-api-key", "sk-first"), ("x-api-key", "sk-second")) == "sk-first"
+    assert _presented(("authorization", "Basic dXNlcjpwYXNz")) is None
+    assert _presented(("authorization", "Bearer ")) is None
+    assert _presented(("host", "example")) is None
