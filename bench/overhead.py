@@ -40,6 +40,7 @@ import torch
 
 from bus import Bus, BusOptions, connect_bus
 from imagebus.catalog import load_catalog
+from imagebus.launcher import torch_threads_per_worker
 from imagebus.process import free_port
 from schemas import GenerationParams, JobFailed, JobSucceeded
 from workers.backends.base import JobRequest
@@ -163,17 +164,12 @@ class Stack:
         self.process.wait(timeout=120)
 
 
-def worker_threads(workers: int, torch_threads: int | None) -> int:
-    """The model threads of each diffusers worker, as `imagebus up` chooses them."""
-    return torch_threads or max(1, (os.cpu_count() or 1) // workers)
-
-
 async def measure(
     workers: int, jobs: int, directs: dict[int, DirectCall], batch_linger_s: float | None, torch_threads: int | None
 ) -> dict[str, float]:
     # The baseline runs the model with as many threads as each worker does: a fewer-thread model is
     # faster here (tiny-sd at 64x64) and would otherwise count as the stack's gain or loss.
-    threads = worker_threads(workers, torch_threads)
+    threads = torch_threads_per_worker(workers, torch_threads)
     direct = directs[threads]
     stack = Stack(workers, batch_linger_s, threads)
     bus = await connect_bus(stack.bus_url, BusOptions())
@@ -214,7 +210,7 @@ def main() -> None:
     direct = DirectCall(os.cpu_count() or 1)
     directs = {direct.threads: direct}
     for workers in args.workers:  # built here: a DirectCall runs its own loop, not inside measure's
-        threads = worker_threads(workers, args.torch_threads)
+        threads = torch_threads_per_worker(workers, args.torch_threads)
         if threads not in directs:
             directs[threads] = DirectCall(threads)
     quiet = [direct.once() for _ in range(args.jobs)]
@@ -234,7 +230,7 @@ def main() -> None:
         r = asyncio.run(measure(workers, args.jobs, directs, args.batch_linger_s, args.torch_threads))
         results.append((workers, r))
         print(
-            f"| {workers} | {worker_threads(workers, args.torch_threads)} | {r['p50'] * 1000:.1f} ms "
+            f"| {workers} | {torch_threads_per_worker(workers, args.torch_threads)} | {r['p50'] * 1000:.1f} ms "
             f"| {r['p99'] * 1000:.1f} ms | {r['direct_p50'] * 1000:.1f} ms "
             f"| {(r['p50'] - r['direct_p50']) * 1000:.1f} ms | {(r['p99'] - r['direct_p50']) * 1000:.1f} ms "
             f"| {r['jobs_per_s']:.2f} |",

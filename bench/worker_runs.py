@@ -164,8 +164,8 @@ def process_tree(pid: int) -> list[int]:
 
 class CpuMeter:
     """CPU seconds of named groups of processes between ``start()`` and ``stop()``, and the read and
-    write system calls they made (``calls``: name -> (reads, writes)); on this VM a loopback send is
-    one of the dearest things a process does, so the count of them explains much of the CPU."""
+    write system calls they made (``calls``: name -> (reads, writes)): whether a process's CPU goes
+    to the kernel's socket work or to its own code."""
 
     def __init__(self, groups: Mapping[str, Iterable[int]]) -> None:
         self.groups = {name: list(pids) for name, pids in groups.items()}
@@ -184,14 +184,12 @@ class CpuMeter:
             name: sum(max(0.0, cpu_seconds(pid) - self._before[pid]) for pid in pids)
             for name, pids in self.groups.items()
         }
-        self.calls = {}
-        for name, pids in self.groups.items():
-            now = [syscalls(pid) for pid in pids]
-            before = [self._calls_before[pid] for pid in pids]
-            self.calls[name] = (
-                sum(max(0, n[0] - b[0]) for n, b in zip(now, before, strict=True)),
-                sum(max(0, n[1] - b[1]) for n, b in zip(now, before, strict=True)),
-            )
+        made = {pid: [max(0, n - b) for n, b in zip(syscalls(pid), before, strict=True)]
+                for pid, before in self._calls_before.items()}  # fmt: skip
+        self.calls = {
+            name: (sum(made[pid][0] for pid in pids), sum(made[pid][1] for pid in pids))
+            for name, pids in self.groups.items()
+        }
         return self.seconds
 
 

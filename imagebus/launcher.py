@@ -276,6 +276,12 @@ def run_stack(settings: LauncherSettings, worker_settings: WorkerSettings, args:
         print("stopped.", flush=True)
 
 
+def torch_threads_per_worker(diffusers_workers: int, torch_threads: int | None = None) -> int:
+    """Each diffusers worker's model threads: ``torch_threads`` when given (--torch-threads), else
+    the machine's cores shared among the workers (oversubscribed OpenMP threads slow every one)."""
+    return torch_threads or max(1, (os.cpu_count() or 1) // max(1, diffusers_workers))
+
+
 def _workers(
     choices: list[BackendChoice],
     diffusers_workers: int,
@@ -287,7 +293,7 @@ def _workers(
     started = {choice.name for choice in choices if choice.start}
     workers: list[RoleProcess] = []
     # CPU workers share the cores; on a GPU machine the GPU does the work and this matters little.
-    threads = str(torch_threads or max(1, (os.cpu_count() or 1) // max(1, diffusers_workers)))
+    threads = str(torch_threads_per_worker(diffusers_workers, torch_threads))
     for index in range(diffusers_workers if "diffusers" in started else 0):
         name = f"worker-diffusers-{index + 1}"
         worker_env = {
